@@ -1,0 +1,597 @@
+#include "posix_store.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <memory>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "block_format.h"
+#include "checksum.h"
+
+namespace ucm {
+namespace {
+
+constexpr size_t kDirCount = 4096;         // blocks/<3 hex digits>/
+constexpr size_t kPieceBytes = 256 << 10;  // checksum each piece while it is still in the CPU cache
+constexpr size_t kMaxIov = 512;            // well under IOV_MAX
+constexpr size_t kDirectAlign = 4096;
+constexpr int64_t kTmpGraceSeconds = 600;  // a temporary file untouched this long has no live writer
+constexpr int64_t kLeaseSeconds = 120;     // an eviction lease older than this is abandoned
+constexpr double kEvictTarget = 0.9;       // evict down to this fraction of the capacity
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+std::string to_hex(const std::string& bytes) {
+    static const char digits[] = "0123456789abcdef";
+    std::string out(bytes.size() * 2, '0');
+    for (size_t i = 0; i < bytes.size(); ++i) {
+        uint8_t b = static_cast<uint8_t>(bytes[i]);
+        out[2 * i] = digits[b >> 4];
+        out[2 * i + 1] = digits[b & 15];
+    }
+    return out;
+}
+
+size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
+
+struct FdGuard {
+    int fd;
+    ~FdGuard() {
+        if (fd >= 0) ::close(fd);
+    }
+};
+
+// Moves all of iov[] at `offset`, resuming after short transfers. Returns bytes moved (less than
+// asked only at end of file) or -errno.
+ssize_t transfer_all(int fd, std::vector<iovec> iov, off_t offset, bool write) {
+    size_t moved = 0;
+    size_t first = 0;
+    while (first < iov.size()) {
+        int count = static_cast<int>(std::min(iov.size() - first, kMaxIov));
+        ssize_t n = write ? ::pwritev(fd, iov.data() + first, count, offset)
+                          : ::preadv(fd, iov.data() + first, count, offset);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (n == 0) break;  // end of file
+        moved += static_cast<size_t>(n);
+        offset += n;
+        size_t left = static_cast<size_t>(n);
+        while (first < iov.size() && left >= iov[first].iov_len) {
+            left -= iov[first].iov_len;
+            ++first;
+        }
+        if (left > 0) {
+            iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+            iov[first].iov_len -= left;
+        }
+    }
+    return static_cast<ssize_t>(moved);
+}
+
+// Walks a shard's buffers in pieces of at most `bytes`, as iovecs (zero-length buffers skipped).
+class PieceCursor {
+public:
+    explicit PieceCursor(const std::vector<Buffer>& buffers) : buffers_(buffers) { skip_empty(); }
+    bool done() const { return index_ == buffers_.size(); }
+    std::vector<iovec> next(size_t bytes) {
+        std::vector<iovec> piece;
+        while (!done() && bytes > 0 && piece.size() < kMaxIov) {
+            const Buffer& b = buffers_[index_];
+            size_t take = std::min(b.size - within_, bytes);
+            piece.push_back({b.data + within_, take});
+            bytes -= take;
+            within_ += take;
+            if (within_ == b.size) {
+                ++index_;
+                within_ = 0;
+                skip_empty();
+            }
+        }
+        return piece;
+    }
+
+private:
+    void skip_empty() {
+        while (!done() && buffers_[index_].size == 0) ++index_;
+    }
+    const std::vector<Buffer>& buffers_;
+    size_t index_ = 0;
+    size_t within_ = 0;
+};
+
+// A per-thread buffer aligned for O_DIRECT, grown on demand and kept for the next transfer.
+uint8_t* direct_staging(size_t bytes) {
+    struct Staging {
+        uint8_t* data = nullptr;
+        size_t size = 0;
+        ~Staging() { std::free(data); }
+    };
+    thread_local Staging staging;
+    if (staging.size < bytes) {
+        std::free(staging.data);
+        staging.data = static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, align_up(bytes, kDirectAlign)));
+        staging.size = staging.data ? bytes : 0;
+    }
+    return staging.data;
+}
+
+uint64_t host_hash() {
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    return hash_key(host, std::strlen(host));
+}
+
+}  // namespace
+
+PosixStore::PosixStore(PosixConfig config) : config_(std::move(config)), pool_(config_.threads) {
+    if (config_.num_shards == 0) throw std::invalid_argument("num_shards must be at least 1");
+    root_fd_ = ::open(config_.root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (root_fd_ < 0) throw std::invalid_argument("cannot open root " + config_.root + ": " + errno_text(errno));
+    if (::mkdirat(root_fd_, "blocks", 0755) != 0 && errno != EEXIST) {
+        int err = errno;
+        ::close(root_fd_);
+        throw std::invalid_argument("cannot create " + config_.root + "/blocks: " + errno_text(err));
+    }
+    blocks_fd_ = ::openat(root_fd_, "blocks", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (blocks_fd_ < 0) {
+        int err = errno;
+        ::close(root_fd_);
+        throw std::invalid_argument("cannot open " + config_.root + "/blocks: " + errno_text(err));
+    }
+    char prefix[64];
+    std::snprintf(prefix, sizeof(prefix), ".tmp.%016llx.%d.", static_cast<unsigned long long>(host_hash()),
+                  static_cast<int>(::getpid()));
+    tmp_prefix_ = prefix;
+    if (config_.direct_io) {
+        std::string probe = tmp_prefix_ + "direct-probe";
+        int fd = ::openat(root_fd_, probe.c_str(), O_CREAT | O_WRONLY | O_DIRECT | O_CLOEXEC, 0644);
+        int err = errno;
+        if (fd >= 0) {
+            ::close(fd);
+            ::unlinkat(root_fd_, probe.c_str(), 0);
+        } else {
+            ::close(blocks_fd_);
+            ::close(root_fd_);
+            throw std::invalid_argument("the filesystem at root " + config_.root +
+                                        " refuses O_DIRECT (" + errno_text(err) +
+                                        "); set direct_io to false for this root");
+        }
+    }
+    if (config_.capacity_bytes > 0) {
+        evict_requested_ = true;  // enforce the capacity and clean up once at start
+        evictor_ = std::thread([this] { evictor_loop(); });
+    }
+}
+
+PosixStore::~PosixStore() { close(); }
+
+void PosixStore::close() {
+    std::lock_guard<std::mutex> guard(close_mutex_);
+    if (closed_) return;
+    closed_ = true;
+    {
+        std::lock_guard<std::mutex> lock(evict_mutex_);
+        stopping_ = true;
+    }
+    evict_cv_.notify_all();
+    if (evictor_.joinable()) evictor_.join();
+    pool_.shutdown();
+    ::close(blocks_fd_);
+    ::close(root_fd_);
+}
+
+// ---- naming --------------------------------------------------------------------------------
+
+std::string PosixStore::block_dir(const std::string& id) const {
+    char dir[8];
+    std::snprintf(dir, sizeof(dir), "%03x", static_cast<unsigned>(hash_key(id.data(), id.size()) % kDirCount));
+    return dir;
+}
+
+std::string PosixStore::block_base(const std::string& id) const { return block_dir(id) + "/" + to_hex(id); }
+
+std::string PosixStore::shard_path(const std::string& id, uint32_t shard) const {
+    if (config_.num_shards == 1) return block_base(id);
+    return block_base(id) + "." + std::to_string(shard);
+}
+
+std::string PosixStore::visible_path(const std::string& id) const {
+    return config_.num_shards == 1 ? block_base(id) : block_base(id) + ".ok";
+}
+
+bool PosixStore::exists(const std::string& path) const {
+    return ::faccessat(blocks_fd_, path.c_str(), F_OK, 0) == 0;
+}
+
+bool PosixStore::present(const std::string& id) const { return exists(visible_path(id)); }
+
+// ---- lookups -------------------------------------------------------------------------------
+
+std::vector<uint8_t> PosixStore::lookup(const std::vector<std::string>& ids) {
+    std::vector<uint8_t> found(ids.size(), 0);
+    auto body = [&](size_t begin, size_t end) {
+        for (size_t i = begin; i < end; ++i) found[i] = present(ids[i]) ? 1 : 0;
+    };
+    if (ids.size() < 256) {
+        body(0, ids.size());
+    } else {
+        pool_.parallel_for(ids.size(), pool_.size() + 1, body);
+    }
+    return found;
+}
+
+size_t PosixStore::lookup_prefix(const std::vector<std::string>& ids) {
+    // Look ahead in growing windows so long hits run in parallel while an early miss costs little.
+    size_t window = 16;
+    for (size_t begin = 0; begin < ids.size(); begin += window, window = std::min<size_t>(window * 2, 4096)) {
+        size_t end = std::min(ids.size(), begin + window);
+        std::vector<std::string> slice(ids.begin() + begin, ids.begin() + end);
+        std::vector<uint8_t> found = lookup(slice);
+        for (size_t i = 0; i < found.size(); ++i) {
+            if (!found[i]) return begin + i;
+        }
+    }
+    return ids.size();
+}
+
+// ---- dump ----------------------------------------------------------------------------------
+
+TaskPtr PosixStore::dump(std::vector<ShardIO> items) {
+    return run_items(pool_, std::move(items), [this](const ShardIO& item) { return dump_one(item); });
+}
+
+int PosixStore::open_tmp(const std::string& dir, std::string* tmp_name) {
+    *tmp_name = dir + "/" + tmp_prefix_ + std::to_string(tmp_seq_.fetch_add(1));
+    int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (config_.direct_io ? O_DIRECT : 0);
+    int fd = ::openat(blocks_fd_, tmp_name->c_str(), flags, 0644);
+    if (fd < 0 && errno == ENOENT) {
+        ::mkdirat(blocks_fd_, dir.c_str(), 0755);
+        fd = ::openat(blocks_fd_, tmp_name->c_str(), flags, 0644);
+    }
+    return fd;
+}
+
+std::string PosixStore::dump_one(const ShardIO& item) {
+    std::string final_path = shard_path(item.id, item.shard);
+    if (!exists(final_path)) {
+        std::string tmp;
+        int fd = open_tmp(block_dir(item.id), &tmp);
+        if (fd < 0) return "cannot create a file under " + config_.root + "/blocks: " + errno_text(errno);
+        std::string error = write_shard(fd, item);
+        if (error.empty() && config_.fsync && ::fdatasync(fd) != 0) error = "fdatasync failed: " + errno_text(errno);
+        if (::close(fd) != 0 && error.empty()) error = "close failed: " + errno_text(errno);
+        if (error.empty() && ::renameat(blocks_fd_, tmp.c_str(), blocks_fd_, final_path.c_str()) != 0) {
+            error = "cannot rename into place: " + errno_text(errno);
+        }
+        if (!error.empty()) {
+            ::unlinkat(blocks_fd_, tmp.c_str(), 0);
+            return error;
+        }
+        note_written(item.total_bytes() + kTrailerBytes);
+    }
+    if (config_.num_shards > 1) commit_marker_if_complete(item.id);
+    return {};
+}
+
+std::string PosixStore::write_shard(int fd, const ShardIO& item) {
+    size_t total = item.total_bytes();
+    Trailer trailer;
+    trailer.payload_bytes = total;
+    trailer.shard = item.shard;
+    trailer.num_shards = config_.num_shards;
+    trailer.id = item.id;
+    uint8_t trailer_bytes[kTrailerBytes];
+
+    if (config_.direct_io) {
+        size_t file_bytes = align_up(total + kTrailerBytes, kDirectAlign);
+        uint8_t* staging = direct_staging(file_bytes);
+        if (staging == nullptr) return "out of memory for a direct I/O staging buffer";
+        size_t offset = 0;
+        for (const Buffer& b : item.buffers) {
+            std::memcpy(staging + offset, b.data, b.size);
+            offset += b.size;
+        }
+        trailer.checksum = Checksum::of(staging, total);
+        encode_trailer(trailer, staging + total);
+        std::memset(staging + total + kTrailerBytes, 0, file_bytes - total - kTrailerBytes);
+        ssize_t n = transfer_all(fd, {{staging, file_bytes}}, 0, true);
+        if (n < 0) return "write failed: " + errno_text(static_cast<int>(-n));
+        return {};
+    }
+
+    // Write in pieces and checksum each piece right after the kernel has read it, while it is
+    // still in the CPU cache; the trailer with the checksum goes last.
+    Checksum checksum;
+    off_t offset = 0;
+    for (PieceCursor cursor(item.buffers); !cursor.done();) {
+        std::vector<iovec> piece = cursor.next(kPieceBytes);
+        size_t piece_bytes = 0;
+        for (const iovec& v : piece) piece_bytes += v.iov_len;
+        ssize_t n = transfer_all(fd, piece, offset, true);
+        if (n < 0) return "write failed: " + errno_text(static_cast<int>(-n));
+        if (static_cast<size_t>(n) != piece_bytes) return "short write (disk full?)";
+        for (const iovec& v : piece) checksum.update(v.iov_base, v.iov_len);
+        offset += static_cast<off_t>(piece_bytes);
+    }
+    trailer.checksum = checksum.finish();
+    encode_trailer(trailer, trailer_bytes);
+    ssize_t n = transfer_all(fd, {{trailer_bytes, kTrailerBytes}}, offset, true);
+    if (n < 0) return "write failed: " + errno_text(static_cast<int>(-n));
+    if (static_cast<size_t>(n) != kTrailerBytes) return "short write (disk full?)";
+    return {};
+}
+
+void PosixStore::commit_marker_if_complete(const std::string& id) {
+    // Each writer renames its own shard into place before looking at the others, so whichever
+    // writer finishes last sees every shard and makes the block visible.
+    std::string marker = visible_path(id);
+    if (exists(marker)) return;
+    for (uint32_t shard = 0; shard < config_.num_shards; ++shard) {
+        if (!exists(shard_path(id, shard))) return;
+    }
+    int fd = ::openat(blocks_fd_, marker.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd >= 0) ::close(fd);
+}
+
+// ---- load ----------------------------------------------------------------------------------
+
+TaskPtr PosixStore::load(std::vector<ShardIO> items) {
+    return run_items(pool_, std::move(items), [this](const ShardIO& item) { return load_one(item); });
+}
+
+std::string PosixStore::load_one(const ShardIO& item) {
+    if (config_.num_shards > 1 && !exists(visible_path(item.id))) return "not found";
+    int flags = O_RDONLY | O_CLOEXEC | (config_.direct_io ? O_DIRECT : 0);
+    FdGuard fd{::openat(blocks_fd_, shard_path(item.id, item.shard).c_str(), flags)};
+    if (fd.fd < 0) return errno == ENOENT ? "not found" : "cannot open: " + errno_text(errno);
+    std::string error = config_.direct_io ? read_shard_direct(fd.fd, item) : read_shard(fd.fd, item);
+    if (error.empty()) ::futimens(fd.fd, nullptr);  // recency for eviction lives in the file's mtime
+    return error;
+}
+
+std::string PosixStore::explain_size_mismatch(int fd, size_t expected) const {
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return "cannot stat the stored shard: " + errno_text(errno);
+    size_t size = static_cast<size_t>(st.st_size);
+    if (size < kTrailerBytes) return "stored shard is truncated (" + std::to_string(size) + " bytes)";
+    uint8_t raw[kTrailerBytes];
+    Trailer stored;
+    ssize_t n = ::pread(fd, raw, kTrailerBytes, static_cast<off_t>(size - kTrailerBytes));
+    if (n == static_cast<ssize_t>(kTrailerBytes) && decode_trailer(raw, &stored).empty() &&
+        stored.payload_bytes == size - kTrailerBytes && stored.payload_bytes != expected) {
+        return "stored shard holds " + std::to_string(stored.payload_bytes) + " bytes but the buffers hold " +
+               std::to_string(expected);
+    }
+    return "stored shard is truncated or corrupt (" + std::to_string(size) + " bytes on disk, expected " +
+           std::to_string(expected + kTrailerBytes) + ")";
+}
+
+namespace {
+
+std::string verify(const Trailer& trailer, const ShardIO& item, size_t total, uint32_t num_shards,
+                   uint64_t checksum) {
+    if (trailer.id != item.id || trailer.shard != item.shard || trailer.num_shards != num_shards) {
+        return "stored shard belongs to another block or shard";
+    }
+    if (trailer.payload_bytes != total) {
+        return "stored shard holds " + std::to_string(trailer.payload_bytes) + " bytes but the buffers hold " +
+               std::to_string(total);
+    }
+    if (trailer.checksum != checksum) return "checksum mismatch: the stored bytes are corrupt";
+    return {};
+}
+
+}  // namespace
+
+std::string PosixStore::read_shard(int fd, const ShardIO& item) {
+    // Read in pieces and verify each while it is still in the CPU cache; the trailer comes with
+    // the last piece, in the same system call.
+    size_t total = item.total_bytes();
+    uint8_t raw[kTrailerBytes];
+    Checksum checksum;
+    off_t offset = 0;
+    for (PieceCursor cursor(item.buffers); !cursor.done();) {
+        std::vector<iovec> piece = cursor.next(kPieceBytes);
+        size_t payload_iovs = piece.size();
+        size_t want = 0;
+        for (const iovec& v : piece) want += v.iov_len;
+        size_t piece_bytes = want;
+        if (cursor.done()) {
+            piece.push_back({raw, kTrailerBytes});
+            want += kTrailerBytes;
+        }
+        ssize_t n = transfer_all(fd, piece, offset, false);
+        if (n < 0) return "read failed: " + errno_text(static_cast<int>(-n));
+        if (static_cast<size_t>(n) != want) return explain_size_mismatch(fd, total);
+        for (size_t i = 0; i < payload_iovs; ++i) checksum.update(piece[i].iov_base, piece[i].iov_len);
+        offset += static_cast<off_t>(piece_bytes);
+    }
+    Trailer trailer;
+    std::string error = decode_trailer(raw, &trailer);
+    if (!error.empty()) {
+        std::string size_error = explain_size_mismatch(fd, total);
+        return size_error.rfind("stored shard holds", 0) == 0 ? size_error : error;
+    }
+    return verify(trailer, item, total, config_.num_shards, checksum.finish());
+}
+
+std::string PosixStore::read_shard_direct(int fd, const ShardIO& item) {
+    size_t total = item.total_bytes();
+    size_t file_bytes = align_up(total + kTrailerBytes, kDirectAlign);
+    uint8_t* staging = direct_staging(file_bytes);
+    if (staging == nullptr) return "out of memory for a direct I/O staging buffer";
+    ssize_t n = transfer_all(fd, {{staging, file_bytes}}, 0, false);
+    if (n < 0) return "read failed: " + errno_text(static_cast<int>(-n));
+    if (static_cast<size_t>(n) < total + kTrailerBytes) return explain_size_mismatch(fd, total);
+    Trailer trailer;
+    std::string error = decode_trailer(staging + total, &trailer);
+    if (!error.empty()) return error;
+    error = verify(trailer, item, total, config_.num_shards, Checksum::of(staging, total));
+    if (!error.empty()) return error;
+    size_t offset = 0;
+    for (const Buffer& b : item.buffers) {
+        std::memcpy(b.data, staging + offset, b.size);
+        offset += b.size;
+    }
+    return {};
+}
+
+// ---- prefetch and remove -------------------------------------------------------------------
+
+void PosixStore::prefetch(const std::vector<std::string>& ids) {
+    auto shared = std::make_shared<std::vector<std::string>>(ids);
+    pool_.for_ranges(shared->size(), pool_.size(), [this, shared](size_t begin, size_t end) {
+        for (size_t i = begin; i < end; ++i) {
+            for (uint32_t shard = 0; shard < config_.num_shards; ++shard) {
+                FdGuard fd{::openat(blocks_fd_, shard_path((*shared)[i], shard).c_str(), O_RDONLY | O_CLOEXEC)};
+                if (fd.fd >= 0) ::posix_fadvise(fd.fd, 0, 0, POSIX_FADV_WILLNEED);
+            }
+        }
+    });
+}
+
+void PosixStore::remove(const std::vector<std::string>& ids) {
+    for (const std::string& id : ids) {
+        // Hide the block first, so no reader sees it with shards missing.
+        ::unlinkat(blocks_fd_, visible_path(id).c_str(), 0);
+        if (config_.num_shards > 1) {
+            for (uint32_t shard = 0; shard < config_.num_shards; ++shard) {
+                ::unlinkat(blocks_fd_, shard_path(id, shard).c_str(), 0);
+            }
+        }
+    }
+}
+
+// ---- capacity ------------------------------------------------------------------------------
+
+void PosixStore::note_written(uint64_t bytes) {
+    if (config_.capacity_bytes == 0) return;
+    uint64_t total = written_since_evict_.fetch_add(bytes) + bytes;
+    if (total >= std::max<uint64_t>(config_.capacity_bytes / 20, 1)) {
+        written_since_evict_.store(0);
+        {
+            std::lock_guard<std::mutex> lock(evict_mutex_);
+            evict_requested_ = true;
+        }
+        evict_cv_.notify_one();
+    }
+}
+
+void PosixStore::evictor_loop() {
+    std::unique_lock<std::mutex> lock(evict_mutex_);
+    for (;;) {
+        evict_cv_.wait(lock, [this] { return stopping_ || evict_requested_; });
+        if (stopping_) return;
+        evict_requested_ = false;
+        lock.unlock();
+        evict_pass(true);
+        lock.lock();
+    }
+}
+
+uint64_t PosixStore::evict_now() { return evict_pass(false); }
+
+bool PosixStore::tmp_is_abandoned(const std::string& name, int64_t mtime_s) const {
+    if (static_cast<int64_t>(std::time(nullptr)) - mtime_s > kTmpGraceSeconds) return true;
+    // .tmp.<host hash>.<pid>.<seq>: a writer on this host whose process is gone left it.
+    unsigned long long host = 0;
+    int pid = 0;
+    if (std::sscanf(name.c_str(), ".tmp.%16llx.%d.", &host, &pid) != 2) return false;
+    if (host != host_hash() || pid == ::getpid()) return false;
+    return ::kill(pid, 0) != 0 && errno == ESRCH;
+}
+
+uint64_t PosixStore::evict_pass(bool take_lease) {
+    const char* lease = "evict.lease";
+    if (take_lease) {
+        int fd = ::openat(root_fd_, lease, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            struct stat st;
+            bool stale = ::fstatat(root_fd_, lease, &st, 0) == 0 &&
+                         static_cast<int64_t>(std::time(nullptr)) - st.st_mtim.tv_sec > kLeaseSeconds;
+            if (!stale) return 0;  // another process is evicting right now
+            ::unlinkat(root_fd_, lease, 0);
+            fd = ::openat(root_fd_, lease, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+            if (fd < 0) return 0;
+        }
+        ::close(fd);
+    }
+
+    struct BlockFiles {
+        uint64_t bytes = 0;
+        int64_t mtime_ns = 0;
+        std::vector<std::string> files;  // the commit file first
+    };
+    std::unordered_map<std::string, BlockFiles> blocks;
+    uint64_t total = 0;
+    uint64_t freed = 0;
+    for (size_t d = 0; d < kDirCount; ++d) {
+        char dir[8];
+        std::snprintf(dir, sizeof(dir), "%03zx", d);
+        int dfd = ::openat(blocks_fd_, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0) continue;
+        DIR* listing = ::fdopendir(dfd);
+        if (listing == nullptr) {
+            ::close(dfd);
+            continue;
+        }
+        while (struct dirent* entry = ::readdir(listing)) {
+            std::string name = entry->d_name;
+            if (name == "." || name == "..") continue;
+            struct stat st;
+            if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+            std::string path = std::string(dir) + "/" + name;
+            if (name.rfind(".tmp.", 0) == 0) {
+                if (tmp_is_abandoned(name, st.st_mtim.tv_sec) && ::unlinkat(blocks_fd_, path.c_str(), 0) == 0) {
+                    freed += static_cast<uint64_t>(st.st_size);
+                }
+                continue;
+            }
+            std::string base = path.substr(0, path.find('.', 4));
+            BlockFiles& block = blocks[base];
+            block.bytes += static_cast<uint64_t>(st.st_size);
+            block.mtime_ns = std::max<int64_t>(block.mtime_ns, st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec);
+            bool commit_file = path == base || (path.size() > 3 && path.compare(path.size() - 3, 3, ".ok") == 0);
+            if (commit_file) {
+                block.files.insert(block.files.begin(), path);
+            } else {
+                block.files.push_back(path);
+            }
+            total += static_cast<uint64_t>(st.st_size);
+        }
+        ::closedir(listing);
+    }
+
+    if (config_.capacity_bytes > 0 && total > config_.capacity_bytes) {
+        std::vector<std::pair<int64_t, const std::string*>> order;
+        order.reserve(blocks.size());
+        for (const auto& [base, block] : blocks) order.emplace_back(block.mtime_ns, &base);
+        std::sort(order.begin(), order.end());
+        uint64_t target = static_cast<uint64_t>(static_cast<double>(config_.capacity_bytes) * kEvictTarget);
+        for (const auto& [mtime, base] : order) {
+            if (total <= target) break;
+            const BlockFiles& block = blocks[*base];
+            for (const std::string& file : block.files) ::unlinkat(blocks_fd_, file.c_str(), 0);
+            total -= block.bytes;
+            freed += block.bytes;
+        }
+    }
+    if (take_lease) ::unlinkat(root_fd_, lease, 0);
+    return freed;
+}
+
+}  // namespace ucm

@@ -1,0 +1,89 @@
+// A block store on a POSIX directory: a local disk or a network mount shared by many
+// processes and hosts. See docs/store.md for the layout and its guarantees.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "buffer.h"
+#include "task.h"
+#include "thread_pool.h"
+
+namespace ucm {
+
+struct PosixConfig {
+    std::string root;
+    uint32_t num_shards = 1;
+    size_t threads = 8;
+    bool direct_io = false;
+    uint64_t capacity_bytes = 0;  // 0: unbounded
+    bool fsync = false;
+};
+
+class PosixStore {
+public:
+    // Throws std::invalid_argument naming what is wrong with the configuration or the root.
+    explicit PosixStore(PosixConfig config);
+    ~PosixStore();
+    PosixStore(const PosixStore&) = delete;
+    PosixStore& operator=(const PosixStore&) = delete;
+
+    std::vector<uint8_t> lookup(const std::vector<std::string>& ids);
+    size_t lookup_prefix(const std::vector<std::string>& ids);
+    TaskPtr dump(std::vector<ShardIO> items);
+    TaskPtr load(std::vector<ShardIO> items);
+    void prefetch(const std::vector<std::string>& ids);
+    void remove(const std::vector<std::string>& ids);
+
+    // One pass over the root: removes temporary files of dead writers and, when a capacity is
+    // set, the least recently used blocks until the total is at most 90% of it. Returns bytes freed.
+    uint64_t evict_now();
+    void close();
+
+private:
+    struct EvictStats;
+
+    std::string block_dir(const std::string& id) const;
+    std::string block_base(const std::string& id) const;  // dir/hex
+    std::string shard_path(const std::string& id, uint32_t shard) const;
+    std::string visible_path(const std::string& id) const;  // the file whose presence commits the block
+    bool exists(const std::string& path) const;
+    bool present(const std::string& id) const;
+
+    std::string dump_one(const ShardIO& item);
+    std::string load_one(const ShardIO& item);
+    std::string write_shard(int fd, const ShardIO& item);
+    std::string read_shard(int fd, const ShardIO& item);
+    std::string read_shard_direct(int fd, const ShardIO& item);
+    std::string explain_size_mismatch(int fd, size_t expected) const;
+    void commit_marker_if_complete(const std::string& id);
+    int open_tmp(const std::string& dir, std::string* tmp_name);
+
+    void note_written(uint64_t bytes);
+    void evictor_loop();
+    uint64_t evict_pass(bool take_lease);
+    bool tmp_is_abandoned(const std::string& name, int64_t mtime_s) const;
+
+    PosixConfig config_;
+    int blocks_fd_ = -1;
+    int root_fd_ = -1;
+    std::string tmp_prefix_;
+    std::atomic<uint64_t> tmp_seq_{0};
+    ThreadPool pool_;
+
+    std::mutex evict_mutex_;
+    std::condition_variable evict_cv_;
+    bool evict_requested_ = false;
+    bool stopping_ = false;
+    std::atomic<uint64_t> written_since_evict_{0};
+    std::thread evictor_;
+    std::mutex close_mutex_;
+    bool closed_ = false;
+};
+
+}  // namespace ucm

@@ -1,0 +1,414 @@
+// ucm.store._native: the binding between the Python store API and the C++ core.
+//
+// Python objects are turned into plain (pointer, size) buffers here, with the GIL held; the
+// objects stay referenced by the task until it has finished. Everything that blocks or copies
+// runs with the GIL released.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "buffer.h"
+#include "checksum.h"
+#include "memory_cache.h"
+#include "posix_store.h"
+#include "task.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// The DLPack ABI (v0.x "dltensor" capsules), enough to find a CPU tensor's bytes.
+struct DLDevice {
+    int32_t device_type;
+    int32_t device_id;
+};
+struct DLDataType {
+    uint8_t code;
+    uint8_t bits;
+    uint16_t lanes;
+};
+struct DLTensor {
+    void* data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t* shape;
+    int64_t* strides;
+    uint64_t byte_offset;
+};
+struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void* manager_ctx;
+    void (*deleter)(DLManagedTensor*);
+};
+constexpr int32_t kDLCPU = 1;
+constexpr int32_t kDLCUDAHost = 3;
+
+// Python objects a task's buffers come from; released (with the GIL) once the task is over.
+struct Keepalive {
+    std::vector<Py_buffer> views;
+    std::vector<py::object> objects;
+    Keepalive() = default;
+    Keepalive(const Keepalive&) = delete;
+    ~Keepalive() {
+        for (Py_buffer& view : views) PyBuffer_Release(&view);
+    }
+};
+
+std::string where(size_t index, std::optional<size_t> part) {
+    std::string text = "buffers[" + std::to_string(index) + "]";
+    if (part) text += "[" + std::to_string(*part) + "]";
+    return text;
+}
+
+ucm::Buffer from_dlpack(py::handle obj, const std::string& name, Keepalive& keep) {
+    py::object capsule = obj.attr("__dlpack__")();
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+    if (managed == nullptr) throw py::error_already_set();
+    const DLTensor& t = managed->dl_tensor;
+    if (t.device.device_type != kDLCPU && t.device.device_type != kDLCUDAHost) {
+        throw py::value_error(name + " is a device tensor; this store takes host memory (move it to the CPU)");
+    }
+    size_t item = static_cast<size_t>(t.dtype.bits) * t.dtype.lanes / 8;
+    size_t count = 1;
+    for (int32_t d = 0; d < t.ndim; ++d) count *= static_cast<size_t>(t.shape[d]);
+    if (t.strides != nullptr && count > 1) {
+        int64_t expected = 1;
+        for (int32_t d = t.ndim - 1; d >= 0; --d) {
+            if (t.shape[d] != 1 && t.strides[d] != expected) {
+                throw py::value_error(name + " is not contiguous; pass a contiguous tensor");
+            }
+            expected *= t.shape[d];
+        }
+    }
+    keep.objects.push_back(std::move(capsule));  // unconsumed: its destructor frees the tensor view
+    return {static_cast<uint8_t*>(t.data) + t.byte_offset, count * item};
+}
+
+ucm::Buffer to_buffer(py::handle obj, bool writable, const std::string& name, Keepalive& keep) {
+    if (py::isinstance<py::tuple>(obj) && py::len(obj) == 2) {
+        py::tuple pair = py::reinterpret_borrow<py::tuple>(obj);
+        if (py::isinstance<py::int_>(pair[0]) && py::isinstance<py::int_>(pair[1])) {
+            auto address = pair[0].cast<uintptr_t>();
+            auto size = pair[1].cast<size_t>();
+            if (address == 0) throw py::value_error(name + " is a null address");
+            return {reinterpret_cast<uint8_t*>(address), size};
+        }
+    }
+    if (PyObject_CheckBuffer(obj.ptr())) {
+        Py_buffer view;
+        int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(obj.ptr(), &view, flags) != 0) {
+            PyErr_Clear();
+            if (writable && PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS) == 0) {
+                PyBuffer_Release(&view);
+                throw py::value_error(name + " is read-only; a load needs writable buffers");
+            }
+            throw py::value_error(name + " is not a C-contiguous buffer");
+        }
+        keep.views.push_back(view);
+        return {static_cast<uint8_t*>(view.buf), static_cast<size_t>(view.len)};
+    }
+    if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, name, keep);
+    throw py::type_error(name + " has type " + std::string(py::str(obj.get_type().attr("__name__"))) +
+                         "; expected a buffer, a DLPack tensor, an (address, nbytes) tuple, or a list of them");
+}
+
+std::string to_id(py::handle obj, size_t index) {
+    if (!PyBytes_Check(obj.ptr())) {
+        throw py::value_error("ids[" + std::to_string(index) + "] must be bytes, got " +
+                              std::string(py::str(obj.get_type().attr("__name__"))));
+    }
+    size_t size = static_cast<size_t>(PyBytes_GET_SIZE(obj.ptr()));
+    if (size == 0 || size > ucm::kMaxIdBytes) {
+        throw py::value_error("ids[" + std::to_string(index) + "] is " + std::to_string(size) +
+                              " bytes; ids must be 1.." + std::to_string(ucm::kMaxIdBytes) + " bytes");
+    }
+    return std::string(PyBytes_AS_STRING(obj.ptr()), size);
+}
+
+std::vector<std::string> to_ids(const py::sequence& ids) {
+    std::vector<std::string> out;
+    out.reserve(py::len(ids));
+    for (size_t i = 0; i < out.capacity(); ++i) out.push_back(to_id(ids[i], i));
+    return out;
+}
+
+// Checks a whole batch and describes it as ShardIO items; raises ValueError/TypeError naming what is wrong.
+std::vector<ucm::ShardIO> to_items(const py::sequence& ids, const py::sequence& buffers, const py::object& shards,
+                                   uint32_t num_shards, uint64_t shard_bytes, bool writable, Keepalive& keep) {
+    size_t count = py::len(ids);
+    if (py::len(buffers) != count) {
+        throw py::value_error("got " + std::to_string(count) + " ids but " + std::to_string(py::len(buffers)) +
+                              " buffers");
+    }
+    std::optional<py::sequence> shard_list;
+    if (!shards.is_none()) {
+        shard_list = shards.cast<py::sequence>();
+        if (py::len(*shard_list) != count) {
+            throw py::value_error("got " + std::to_string(count) + " ids but " +
+                                  std::to_string(py::len(*shard_list)) + " shards");
+        }
+    }
+    std::vector<ucm::ShardIO> items(count);
+    for (size_t i = 0; i < count; ++i) {
+        ucm::ShardIO& item = items[i];
+        item.id = to_id(ids[i], i);
+        if (shard_list) {
+            py::handle shard = (*shard_list)[i];
+            long value = py::isinstance<py::int_>(shard) ? shard.cast<long>() : -1;
+            if (value < 0 || value >= static_cast<long>(num_shards)) {
+                throw py::value_error("shards[" + std::to_string(i) + "] = " + std::string(py::repr(shard)) +
+                                      " is outside 0.." + std::to_string(num_shards - 1) + " (num_shards)");
+            }
+            item.shard = static_cast<uint32_t>(value);
+        }
+        py::handle entry = buffers[i];
+        bool is_pair = py::isinstance<py::tuple>(entry) && py::len(entry) == 2 &&
+                       py::isinstance<py::int_>(py::reinterpret_borrow<py::tuple>(entry)[0]);
+        if ((py::isinstance<py::list>(entry) || py::isinstance<py::tuple>(entry)) && !is_pair) {
+            py::sequence parts = py::reinterpret_borrow<py::sequence>(entry);
+            for (size_t p = 0; p < py::len(parts); ++p) {
+                item.buffers.push_back(to_buffer(parts[p], writable, where(i, p), keep));
+            }
+        } else {
+            item.buffers.push_back(to_buffer(entry, writable, where(i, std::nullopt), keep));
+        }
+        size_t total = item.total_bytes();
+        if (total == 0) throw py::value_error(where(i, std::nullopt) + " hold no bytes");
+        if (shard_bytes != 0 && total != shard_bytes) {
+            throw py::value_error(where(i, std::nullopt) + " hold " + std::to_string(total) +
+                                  " bytes but shard_bytes is " + std::to_string(shard_bytes));
+        }
+    }
+    return items;
+}
+
+// A running batch, as Python sees it.
+class PyTask {
+public:
+    PyTask(ucm::TaskPtr task, std::unique_ptr<Keepalive> keep) : task_(std::move(task)), keep_(std::move(keep)) {}
+    PyTask(PyTask&&) = default;
+    ~PyTask() {
+        if (keep_ && !task_->done()) {
+            py::gil_scoped_release release;
+            task_->wait();  // the buffers must outlive the copies into and out of them
+        }
+    }
+
+    bool done() {
+        if (!task_->done()) return false;
+        keep_.reset();
+        return true;
+    }
+
+    // Returns [(id, reason), ...] for the blocks that failed.
+    py::list wait() {
+        std::vector<ucm::Failure> failures;
+        {
+            py::gil_scoped_release release;
+            failures = task_->wait();
+        }
+        keep_.reset();
+        py::list out;
+        for (const ucm::Failure& f : failures) out.append(py::make_tuple(py::bytes(f.id), f.reason));
+        return out;
+    }
+
+private:
+    ucm::TaskPtr task_;
+    std::unique_ptr<Keepalive> keep_;
+};
+
+py::list to_bool_list(const std::vector<uint8_t>& found) {
+    py::list out(found.size());
+    for (size_t i = 0; i < found.size(); ++i) out[i] = py::bool_(found[i] != 0);
+    return out;
+}
+
+template <typename Store>
+py::list lookup(Store& store, const py::sequence& ids) {
+    std::vector<std::string> keys = to_ids(ids);
+    std::vector<uint8_t> found;
+    {
+        py::gil_scoped_release release;
+        found = store.lookup(keys);
+    }
+    return to_bool_list(found);
+}
+
+template <typename Store>
+size_t lookup_prefix(Store& store, const py::sequence& ids) {
+    std::vector<std::string> keys = to_ids(ids);
+    py::gil_scoped_release release;
+    return store.lookup_prefix(keys);
+}
+
+class PyPosixStore {
+public:
+    PyPosixStore(std::string root, uint32_t num_shards, size_t threads, bool direct_io, uint64_t capacity_bytes,
+                 bool fsync, uint64_t shard_bytes)
+        : num_shards_(num_shards), shard_bytes_(shard_bytes) {
+        ucm::PosixConfig config{std::move(root), num_shards, threads, direct_io, capacity_bytes, fsync};
+        py::gil_scoped_release release;
+        store_ = std::make_unique<ucm::PosixStore>(std::move(config));
+    }
+
+    PyTask transfer(const py::sequence& ids, const py::sequence& buffers, const py::object& shards, bool load) {
+        auto keep = std::make_unique<Keepalive>();
+        auto items = to_items(ids, buffers, shards, num_shards_, shard_bytes_, load, *keep);
+        ucm::TaskPtr task;
+        {
+            py::gil_scoped_release release;
+            task = load ? store_->load(std::move(items)) : store_->dump(std::move(items));
+        }
+        return PyTask(std::move(task), std::move(keep));
+    }
+
+    ucm::PosixStore& store() { return *store_; }
+
+private:
+    uint32_t num_shards_;
+    uint64_t shard_bytes_;
+    std::unique_ptr<ucm::PosixStore> store_;
+};
+
+class PyMemoryCache {
+public:
+    PyMemoryCache(uint64_t capacity_bytes, uint32_t num_shards, size_t threads, uint64_t write_behind_bytes,
+                  uint64_t shard_bytes)
+        : num_shards_(num_shards),
+          shard_bytes_(shard_bytes),
+          cache_(ucm::MemoryConfig{capacity_bytes, num_shards, threads, write_behind_bytes}) {}
+
+    PyTask dump(const py::sequence& ids, const py::sequence& buffers, const py::object& shards, bool dirty) {
+        auto keep = std::make_unique<Keepalive>();
+        auto items = to_items(ids, buffers, shards, num_shards_, shard_bytes_, false, *keep);
+        ucm::TaskPtr task;
+        {
+            py::gil_scoped_release release;
+            task = cache_.dump(std::move(items), dirty);
+        }
+        return PyTask(std::move(task), std::move(keep));
+    }
+
+    py::tuple load(const py::sequence& ids, const py::sequence& buffers, const py::object& shards) {
+        auto keep = std::make_unique<Keepalive>();
+        auto items = to_items(ids, buffers, shards, num_shards_, shard_bytes_, true, *keep);
+        std::vector<size_t> missing;
+        ucm::TaskPtr task;
+        {
+            py::gil_scoped_release release;
+            task = cache_.load(std::move(items), &missing);
+        }
+        return py::make_tuple(PyTask(std::move(task), std::move(keep)), py::cast(missing));
+    }
+
+    py::list take_dirty(size_t max_items, double timeout_s) {
+        std::vector<ucm::DirtyShard> shards;
+        {
+            py::gil_scoped_release release;
+            shards = cache_.take_dirty(max_items, timeout_s);
+        }
+        py::list out;
+        for (const ucm::DirtyShard& s : shards) {
+            out.append(py::make_tuple(py::bytes(s.id), s.shard, reinterpret_cast<uintptr_t>(s.data), s.size));
+        }
+        return out;
+    }
+
+    void finish_dirty(const py::list& taken) {
+        std::vector<ucm::DirtyShard> shards;
+        for (py::handle item : taken) {
+            auto t = item.cast<py::tuple>();
+            shards.push_back({t[0].cast<std::string>(), t[1].cast<uint32_t>(),
+                              reinterpret_cast<uint8_t*>(t[2].cast<uintptr_t>()), t[3].cast<size_t>()});
+        }
+        py::gil_scoped_release release;
+        cache_.finish_dirty(shards);
+    }
+
+    ucm::MemoryCache& cache() { return cache_; }
+
+private:
+    uint32_t num_shards_;
+    uint64_t shard_bytes_;
+    ucm::MemoryCache cache_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "Native core of ucm.store (C++; no Python-side copies on the data path).";
+
+    py::class_<PyTask>(m, "Task")
+        .def("done", &PyTask::done, "True once every block of the task has finished.")
+        .def("wait", &PyTask::wait, "Block until done; return [(id, reason)] of the failed blocks.");
+
+    py::class_<PyPosixStore>(m, "PosixStore")
+        .def(py::init<std::string, uint32_t, size_t, bool, uint64_t, bool, uint64_t>(), py::arg("root"),
+             py::arg("num_shards"), py::arg("threads"), py::arg("direct_io"), py::arg("capacity_bytes"),
+             py::arg("fsync"), py::arg("shard_bytes"))
+        .def("lookup", [](PyPosixStore& s, const py::sequence& ids) { return lookup(s.store(), ids); })
+        .def("lookup_prefix", [](PyPosixStore& s, const py::sequence& ids) { return lookup_prefix(s.store(), ids); })
+        .def("dump", [](PyPosixStore& s, const py::sequence& ids, const py::sequence& buffers,
+                        const py::object& shards) { return s.transfer(ids, buffers, shards, false); })
+        .def("load", [](PyPosixStore& s, const py::sequence& ids, const py::sequence& buffers,
+                        const py::object& shards) { return s.transfer(ids, buffers, shards, true); })
+        .def("prefetch",
+             [](PyPosixStore& s, const py::sequence& ids) {
+                 auto keys = to_ids(ids);
+                 py::gil_scoped_release release;
+                 s.store().prefetch(keys);
+             })
+        .def("remove",
+             [](PyPosixStore& s, const py::sequence& ids) {
+                 auto keys = to_ids(ids);
+                 py::gil_scoped_release release;
+                 s.store().remove(keys);
+             })
+        .def("evict_now", [](PyPosixStore& s) {
+            py::gil_scoped_release release;
+            return s.store().evict_now();
+        })
+        .def("close", [](PyPosixStore& s) {
+            py::gil_scoped_release release;
+            s.store().close();
+        });
+
+    py::class_<PyMemoryCache>(m, "MemoryCache")
+        .def(py::init<uint64_t, uint32_t, size_t, uint64_t, uint64_t>(), py::arg("capacity_bytes"),
+             py::arg("num_shards"), py::arg("threads"), py::arg("write_behind_bytes"), py::arg("shard_bytes"))
+        .def("lookup", [](PyMemoryCache& s, const py::sequence& ids) { return lookup(s.cache(), ids); })
+        .def("lookup_prefix", [](PyMemoryCache& s, const py::sequence& ids) { return lookup_prefix(s.cache(), ids); })
+        .def("dump", &PyMemoryCache::dump, py::arg("ids"), py::arg("buffers"), py::arg("shards"), py::arg("dirty"))
+        .def("load", &PyMemoryCache::load)
+        .def("remove",
+             [](PyMemoryCache& s, const py::sequence& ids) {
+                 auto keys = to_ids(ids);
+                 py::gil_scoped_release release;
+                 s.cache().remove(keys);
+             })
+        .def("take_dirty", &PyMemoryCache::take_dirty)
+        .def("finish_dirty", &PyMemoryCache::finish_dirty)
+        .def("wait_clean",
+             [](PyMemoryCache& s) {
+                 py::gil_scoped_release release;
+                 s.cache().wait_clean();
+             })
+        .def("close", [](PyMemoryCache& s) { s.cache().close(); })
+        .def("used_bytes", [](PyMemoryCache& s) { return s.cache().used_bytes(); });
+
+    m.def(
+        "checksum",
+        [](const py::buffer& data) {
+            py::buffer_info info = data.request();
+            return ucm::Checksum::of(info.ptr, static_cast<size_t>(info.size * info.itemsize));
+        },
+        "The 64-bit block checksum of a contiguous buffer (docs/store.md).");
+}

@@ -1,0 +1,74 @@
+"""Developer and CI tasks. ``nox`` runs the tests; ``nox -s lint`` and ``nox -s bench`` are on demand.
+
+Every session installs what it needs, so a fresh machine only needs Python and nox.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).parent
+STORE_PACKAGE = "./packages/ucm-store"
+EXAMPLE_STORE_PLUGIN = "./tests/plugins/ucm-store-example"
+# The CPU build; pip finds its wheel through PIP_FIND_LINKS on the project's machines.
+TORCH = "torch==2.13.0"
+PYTHON_LINT_PATHS = ["packages", "tests", "benchmarks", "noxfile.py"]
+
+# Debian package -> a path that exists once it is installed.
+SYSTEM_PACKAGES = {"libgtest-dev": "/usr/include/gtest"}
+
+
+def ensure_system_packages(session: nox.Session) -> None:
+    """Install the missing Debian packages the C++ tests build against (needs root)."""
+    missing = sorted(name for name, marker in SYSTEM_PACKAGES.items() if not Path(marker).exists())
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        session.error(f"missing system package(s) {', '.join(missing)}: run `sudo apt-get install {' '.join(missing)}`")
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", *missing, external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Build the native core, run the C++ tests, then the Python tests (posargs go to pytest)."""
+    ensure_system_packages(session)
+    # Not editable: the install compiles the native module, as a user's install does.
+    session.install(STORE_PACKAGE, EXAMPLE_STORE_PLUGIN, "pytest", "numpy", TORCH, "cmake", "ninja")
+
+    cpp_build = Path(session.create_tmp()) / "cpp-tests"
+    session.run("cmake", "-S", "tests/cpp", "-B", str(cpp_build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release")
+    session.run("cmake", "--build", str(cpp_build))
+    session.run("ctest", "--test-dir", str(cpp_build), "--output-on-failure")
+
+    session.run("pytest", "tests", "-m", "not gpu", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check Python style with ruff and C++ style with clang-format (when it is installed)."""
+    session.install("ruff")
+    session.run("ruff", "check", *PYTHON_LINT_PATHS)
+    session.run("ruff", "format", "--check", *PYTHON_LINT_PATHS)
+
+    sources = sorted(str(path.relative_to(ROOT)) for ext in ("h", "cc") for path in ROOT.glob(f"csrc/**/*.{ext}"))
+    if not sources:
+        session.log("no C++ sources under csrc/; skipping clang-format")
+    elif shutil.which("clang-format") is None:
+        session.log("clang-format not found; skipping the C++ style check (apt-get install clang-format)")
+    else:
+        session.run("clang-format", "--dry-run", "--Werror", *sources, external=True)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the store benchmark; posargs go to the script."""
+    session.install(STORE_PACKAGE, "numpy")
+    session.run("python", "benchmarks/store_bench.py", *session.posargs)

@@ -1,0 +1,112 @@
+"""The ``posix`` store: one file per block shard under a directory on a local disk or an NFS mount.
+
+Many processes and hosts may share one root. Visibility is atomic (a shard is written to a
+temporary file and renamed into place; a multi-shard block becomes visible when its commit
+marker appears), every shard carries a checksum verified on load, and with ``capacity_bytes``
+the least recently loaded blocks are evicted by whichever process notices the root is full.
+The layout is described in docs/store.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ucm.store import _native
+from ucm.store._base import KVStore, Option
+from ucm.store._tasks import NativeTask, raise_failures
+
+FORMAT_NAME = "ucm-store"
+FORMAT_VERSION = 1
+MANIFEST = "ucm-store.json"
+
+
+class PosixStore(KVStore):
+    config_schema = {
+        "root": Option((str, os.PathLike), required=True, help="directory of the store (local disk or NFS mount)"),
+        "num_shards": Option(int, 1, minimum=1, help="shards per block (e.g. tensor-parallel ranks)"),
+        "threads": Option(int, 8, minimum=1, help="I/O threads"),
+        "direct_io": Option(bool, False, help="read and write with O_DIRECT, bypassing the page cache"),
+        "capacity_bytes": Option(int, None, minimum=1, help="evict least recently used blocks above this size"),
+        "fsync": Option(bool, False, help="flush each shard to stable storage before it becomes visible"),
+        "shard_bytes": Option(int, None, minimum=1, help="reject transfers whose buffers do not total this size"),
+    }
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        root = os.path.abspath(os.fspath(self.config["root"]))
+        self.config["root"] = root
+        _prepare_root(root)
+        try:
+            self._native = _native.PosixStore(
+                root=root,
+                num_shards=self.config["num_shards"],
+                threads=self.config["threads"],
+                direct_io=self.config["direct_io"],
+                capacity_bytes=self.config["capacity_bytes"] or 0,
+                fsync=self.config["fsync"],
+                shard_bytes=self.config["shard_bytes"] or 0,
+            )
+        except ValueError as exc:
+            raise ValueError(f"store 'posix': {exc}") from None
+        self._closed = False
+
+    def lookup(self, ids: Sequence[bytes]) -> list[bool]:
+        return self._native.lookup(ids)
+
+    def lookup_prefix(self, ids: Sequence[bytes]) -> int:
+        return self._native.lookup_prefix(ids)
+
+    def dump(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
+        return NativeTask("dump", self._native.dump(ids, buffers, shards))
+
+    def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
+        return NativeTask("load", self._native.load(ids, buffers, shards))
+
+    def wait(self, task: NativeTask) -> None:
+        raise_failures(task.op, task.failures())
+
+    def check(self, task: NativeTask) -> bool:
+        return task.done()
+
+    def prefetch(self, ids: Sequence[bytes]) -> None:
+        self._native.prefetch(ids)
+
+    def remove(self, ids: Sequence[bytes]) -> None:
+        self._native.remove(ids)
+
+    def evict_now(self) -> int:
+        """Run one eviction pass now (also removes temporary files of dead writers); return bytes freed."""
+        return self._native.evict_now()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._native.close()
+
+
+def _prepare_root(root: str) -> None:
+    """Create the root if needed and check that it holds this format (or nothing yet)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"store 'posix': cannot create root {root!r}: {exc.strerror}") from None
+    manifest = os.path.join(root, MANIFEST)
+    wanted = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            found = json.load(f)
+    except FileNotFoundError:
+        tmp = f"{manifest}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(wanted, f)
+        os.replace(tmp, manifest)
+        return
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"store 'posix': cannot read {manifest}: {exc}") from None
+    if found.get("format") != FORMAT_NAME or found.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"store 'posix': root {root!r} holds {found!r}, not {wanted!r}; use another root or a matching version"
+        )
