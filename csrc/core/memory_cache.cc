@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <unordered_set>
 
 namespace ucm {
 namespace {
@@ -202,7 +203,7 @@ TaskPtr MemoryCache::load(std::vector<ShardIO> items, std::vector<size_t>* missi
             EntryPtr entry = it->second;
             size_t stored = entry->slots[items[i].shard].size;
             if (stored != items[i].total_bytes()) {
-                task->fail(items[i].id, "stored shard holds " + std::to_string(stored) +
+                task->fail(i, items[i].id, "stored shard holds " + std::to_string(stored) +
                                             " bytes but the buffers hold " + std::to_string(items[i].total_bytes()));
                 continue;
             }
@@ -234,10 +235,27 @@ TaskPtr MemoryCache::load(std::vector<ShardIO> items, std::vector<size_t>* missi
 
 void MemoryCache::remove(const std::vector<std::string>& ids) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const std::string& id : ids) {
+    std::unordered_set<std::string> removed(ids.begin(), ids.end());
+    // Shards still queued for the backend must not reach it after the removal.
+    for (auto it = dirty_.begin(); it != dirty_.end();) {
+        if (removed.count(it->second.id) == 0) {
+            ++it;
+            continue;
+        }
+        dirty_bytes_ -= it->second.size;
+        unpin(it->first);
+        it = dirty_.erase(it);
+    }
+    for (const std::string& id : removed) {
         auto it = entries_.find(id);
         if (it != entries_.end()) drop(it);
     }
+    room_cv_.notify_all();
+}
+
+void MemoryCache::wait_in_flight() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    room_cv_.wait(lock, [this] { return taken_.empty(); });
 }
 
 // ---- write-behind ----------------------------------------------------------------------------

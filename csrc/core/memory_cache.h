@@ -46,7 +46,10 @@ public:
     TaskPtr dump(std::vector<ShardIO> items, bool dirty);
     // Starts copying the blocks that are in memory; `missing` receives the indices of the others.
     TaskPtr load(std::vector<ShardIO> items, std::vector<size_t>* missing);
+    // Drops the blocks and cancels their shards still queued for the backend.
     void remove(const std::vector<std::string>& ids);
+    // Blocks until no shard taken by take_dirty() is still being written.
+    void wait_in_flight();
 
     // Waits up to `timeout_s` for dirty shards and returns at most `max_items` of them.
     std::vector<DirtyShard> take_dirty(size_t max_items, double timeout_s);

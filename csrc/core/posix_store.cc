@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -29,7 +30,9 @@ constexpr size_t kMaxIov = 512;            // well under IOV_MAX
 constexpr size_t kDirectAlign = 4096;
 constexpr int64_t kTmpGraceSeconds = 600;  // a temporary file untouched this long has no live writer
 constexpr int64_t kLeaseSeconds = 120;     // an eviction lease older than this is abandoned
+constexpr const char* kLease = "evict.lease";  // in the root, while a process runs an eviction pass
 constexpr double kEvictTarget = 0.9;       // evict down to this fraction of the capacity
+const std::string kSizeMismatch = "stored shard holds ";  // the caller's buffers differ from the stored size
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -356,11 +359,35 @@ TaskPtr PosixStore::load(std::vector<ShardIO> items) {
 std::string PosixStore::load_one(const ShardIO& item) {
     if (config_.num_shards > 1 && !exists(visible_path(item.id))) return "not found";
     int flags = O_RDONLY | O_CLOEXEC | (config_.direct_io ? O_DIRECT : 0);
-    FdGuard fd{::openat(blocks_fd_, shard_path(item.id, item.shard).c_str(), flags)};
+    std::string path = shard_path(item.id, item.shard);
+    FdGuard fd{::openat(blocks_fd_, path.c_str(), flags)};
     if (fd.fd < 0) return errno == ENOENT ? "not found" : "cannot open: " + errno_text(errno);
     std::string error = config_.direct_io ? read_shard_direct(fd.fd, item) : read_shard(fd.fd, item);
-    if (error.empty()) ::futimens(fd.fd, nullptr);  // recency for eviction lives in the file's mtime
+    if (error.empty()) {
+        ::futimens(fd.fd, nullptr);  // recency for eviction lives in the file's mtime
+    } else if (is_damage(error)) {
+        discard_damaged(fd.fd, path, item.id);
+    }
     return error;
+}
+
+bool PosixStore::is_damage(const std::string& error) {
+    // Everything but a caller's size mismatch and I/O or memory trouble means the file is bad.
+    for (const std::string& benign : {kSizeMismatch, std::string("read failed"), std::string("out of memory")}) {
+        if (error.rfind(benign, 0) == 0) return false;
+    }
+    return true;
+}
+
+void PosixStore::discard_damaged(int fd, const std::string& path, const std::string& id) {
+    // Remove the damaged file so the next dump writes the block again, unless a writer has
+    // renamed a new file into place since we opened it.
+    struct stat opened;
+    struct stat current;
+    if (::fstat(fd, &opened) != 0 || ::fstatat(blocks_fd_, path.c_str(), &current, 0) != 0) return;
+    if (opened.st_ino != current.st_ino || opened.st_dev != current.st_dev) return;
+    if (config_.num_shards > 1) ::unlinkat(blocks_fd_, visible_path(id).c_str(), 0);
+    ::unlinkat(blocks_fd_, path.c_str(), 0);
 }
 
 std::string PosixStore::explain_size_mismatch(int fd, size_t expected) const {
@@ -373,7 +400,7 @@ std::string PosixStore::explain_size_mismatch(int fd, size_t expected) const {
     ssize_t n = ::pread(fd, raw, kTrailerBytes, static_cast<off_t>(size - kTrailerBytes));
     if (n == static_cast<ssize_t>(kTrailerBytes) && decode_trailer(raw, &stored).empty() &&
         stored.payload_bytes == size - kTrailerBytes && stored.payload_bytes != expected) {
-        return "stored shard holds " + std::to_string(stored.payload_bytes) + " bytes but the buffers hold " +
+        return kSizeMismatch + std::to_string(stored.payload_bytes) + " bytes but the buffers hold " +
                std::to_string(expected);
     }
     return "stored shard is truncated or corrupt (" + std::to_string(size) + " bytes on disk, expected " +
@@ -388,7 +415,7 @@ std::string verify(const Trailer& trailer, const ShardIO& item, size_t total, ui
         return "stored shard belongs to another block or shard";
     }
     if (trailer.payload_bytes != total) {
-        return "stored shard holds " + std::to_string(trailer.payload_bytes) + " bytes but the buffers hold " +
+        return kSizeMismatch + std::to_string(trailer.payload_bytes) + " bytes but the buffers hold " +
                std::to_string(total);
     }
     if (trailer.checksum != checksum) return "checksum mismatch: the stored bytes are corrupt";
@@ -424,7 +451,7 @@ std::string PosixStore::read_shard(int fd, const ShardIO& item) {
     std::string error = decode_trailer(raw, &trailer);
     if (!error.empty()) {
         std::string size_error = explain_size_mismatch(fd, total);
-        return size_error.rfind("stored shard holds", 0) == 0 ? size_error : error;
+        return size_error.rfind(kSizeMismatch, 0) == 0 ? size_error : error;
     }
     return verify(trailer, item, total, config_.num_shards, checksum.finish());
 }
@@ -498,12 +525,12 @@ void PosixStore::evictor_loop() {
         if (stopping_) return;
         evict_requested_ = false;
         lock.unlock();
-        evict_pass(true);
+        evict_pass(true, false);
         lock.lock();
     }
 }
 
-uint64_t PosixStore::evict_now() { return evict_pass(false); }
+uint64_t PosixStore::evict_now() { return evict_pass(true, true); }
 
 bool PosixStore::tmp_is_abandoned(const std::string& name, int64_t mtime_s) const {
     if (static_cast<int64_t>(std::time(nullptr)) - mtime_s > kTmpGraceSeconds) return true;
@@ -515,20 +542,37 @@ bool PosixStore::tmp_is_abandoned(const std::string& name, int64_t mtime_s) cons
     return ::kill(pid, 0) != 0 && errno == ESRCH;
 }
 
-uint64_t PosixStore::evict_pass(bool take_lease) {
-    const char* lease = "evict.lease";
-    if (take_lease) {
-        int fd = ::openat(root_fd_, lease, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (fd < 0) {
-            struct stat st;
-            bool stale = ::fstatat(root_fd_, lease, &st, 0) == 0 &&
-                         static_cast<int64_t>(std::time(nullptr)) - st.st_mtim.tv_sec > kLeaseSeconds;
-            if (!stale) return 0;  // another process is evicting right now
-            ::unlinkat(root_fd_, lease, 0);
-            fd = ::openat(root_fd_, lease, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-            if (fd < 0) return 0;
+bool PosixStore::loaded_since(const std::vector<std::string>& files, int64_t mtime_ns) const {
+    for (const std::string& file : files) {
+        struct stat st;
+        if (::fstatat(blocks_fd_, file.c_str(), &st, 0) == 0 &&
+            st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec > mtime_ns) {
+            return true;
         }
-        ::close(fd);
+    }
+    return false;
+}
+
+bool PosixStore::take_lease() {
+    int fd = ::openat(root_fd_, kLease, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        struct stat st;
+        bool stale = ::fstatat(root_fd_, kLease, &st, 0) == 0 &&
+                     static_cast<int64_t>(std::time(nullptr)) - st.st_mtim.tv_sec > kLeaseSeconds;
+        if (!stale) return false;  // another process is evicting right now
+        ::unlinkat(root_fd_, kLease, 0);
+        fd = ::openat(root_fd_, kLease, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0) return false;
+    }
+    ::close(fd);
+    return true;
+}
+
+uint64_t PosixStore::evict_pass(bool take, bool wait_for_lease) {
+    // One evictor at a time: two would each remove enough for the capacity.
+    while (take && !take_lease()) {
+        if (!wait_for_lease) return 0;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
 
     struct BlockFiles {
@@ -585,12 +629,13 @@ uint64_t PosixStore::evict_pass(bool take_lease) {
         for (const auto& [mtime, base] : order) {
             if (total <= target) break;
             const BlockFiles& block = blocks[*base];
+            if (loaded_since(block.files, mtime)) continue;  // used while we were scanning: keep it
             for (const std::string& file : block.files) ::unlinkat(blocks_fd_, file.c_str(), 0);
             total -= block.bytes;
             freed += block.bytes;
         }
     }
-    if (take_lease) ::unlinkat(root_fd_, lease, 0);
+    if (take) ::unlinkat(root_fd_, kLease, 0);
     return freed;
 }
 

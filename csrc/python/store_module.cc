@@ -396,6 +396,11 @@ PYBIND11_MODULE(_native, m) {
              })
         .def("take_dirty", &PyMemoryCache::take_dirty)
         .def("finish_dirty", &PyMemoryCache::finish_dirty)
+        .def("wait_in_flight",
+             [](PyMemoryCache& s) {
+                 py::gil_scoped_release release;
+                 s.cache().wait_in_flight();
+             })
         .def("wait_clean",
              [](PyMemoryCache& s) {
                  py::gil_scoped_release release;

@@ -26,6 +26,7 @@ _WRITE_BATCH = 256  # shards handed to the backend per dump call
 
 @dataclass
 class _TieredLoad:
+    ids: list[bytes]
     memory: NativeTask
     missing: list[bytes] = field(default_factory=list)  # absent from memory, and no backend
     backend_task: Any = None
@@ -120,7 +121,7 @@ class MemoryStore(KVStore):
 
     def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> _TieredLoad:
         native, missing = self._cache.load(ids, buffers, shards)
-        task = _TieredLoad(NativeTask("load", native))
+        task = _TieredLoad(ids, NativeTask("load", native))
         if not missing:
             return task
         if self._backend is None:
@@ -166,6 +167,9 @@ class MemoryStore(KVStore):
                 failed = set(exc.ids)
                 failures += [(block_id, exc.reasons.get(block_id, str(exc))) for block_id in exc.ids]
             self._promote(task.backend_batch, failed)
+        if failures:
+            order = {block_id: index for index, block_id in reversed(list(enumerate(task.ids)))}
+            failures.sort(key=lambda failure: order.get(failure[0], len(order)))
         task.failures = failures
         return failures
 
@@ -184,8 +188,9 @@ class MemoryStore(KVStore):
             self._backend.prefetch(ids)
 
     def remove(self, ids: Sequence[bytes]) -> None:
-        self._cache.remove(ids)
+        self._cache.remove(ids)  # also cancels their writes still queued for the backend
         if self._backend is not None:
+            self._cache.wait_in_flight()  # a write already under way must land before its removal
             self._backend.remove(ids)
 
     def used_bytes(self) -> int:

@@ -131,7 +131,20 @@ def _views(buffer: Any, index: int, *, writable: bool) -> list[memoryview]:
     try:
         view = memoryview(buffer).cast("B")
     except TypeError as error:
-        raise ValueError(f"buffers[{index}]: not a contiguous buffer ({type(buffer).__name__}): {error}") from None
+        if not hasattr(buffer, "__dlpack__"):
+            raise ValueError(f"buffers[{index}]: not a contiguous buffer ({type(buffer).__name__}): {error}") from None
+        view = _dlpack_bytes(buffer)
     if writable and view.readonly:
         raise ValueError(f"buffers[{index}]: load needs a writable buffer, got a read-only {type(buffer).__name__}")
     return [view]
+
+
+def _dlpack_bytes(buffer: Any) -> memoryview:
+    """Bytes of a CPU DLPack tensor; reinterpreted as uint8 first, since NumPy lacks dtypes such as bfloat16."""
+    import numpy as np
+
+    if hasattr(buffer, "view") and type(buffer).__module__.startswith("torch"):
+        import torch
+
+        buffer = buffer.view(torch.uint8)
+    return memoryview(np.from_dlpack(buffer)).cast("B")

@@ -1,0 +1,370 @@
+"""``UcmConnector``: vLLM's KV connector interface over a UCM store.
+
+Scheduler side: computes chunk keys for each new prompt, asks the store how many leading chunks
+it holds beyond vLLM's own prefix hit, and plans per step which chunks to load (external hits)
+and which to save (chunks that became fully computed this step).
+
+Worker side: loads run in the store's native threads while the engine keeps stepping; the chunks
+are copied into the paged cache once the task has finished and the request is then reported
+ready. Saves copy the step's new chunks out of the paged cache at the end of the step (the only
+thing the forward pass waits for) and write them in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from ucm.connector.vllm import keys as chunk_keys
+from ucm.connector.vllm.config import ConnectorConfig
+from ucm.connector.vllm.metrics import UcmConnectorStats, UcmPromMetrics
+from ucm.connector.vllm.paged import PagedKV
+from ucm.store import StoreError, open_store
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("ucm.connector.vllm")
+
+
+@dataclass
+class ChunkJob:
+    """Chunks of one request to move between the store and the paged cache."""
+
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]  # the cache block holding each chunk
+    chunk_in_block: list[int]  # which chunk of that block
+
+
+@dataclass
+class UcmConnectorMetadata(KVConnectorMetadata):
+    loads: list[ChunkJob] = field(default_factory=list)
+    saves: list[ChunkJob] = field(default_factory=list)
+
+
+@dataclass
+class _RequestState:
+    """Scheduler-side bookkeeping of one request."""
+
+    request: Any
+    keys: list[bytes]  # of the prompt's full chunks
+    stored_chunks: int = 0  # leading chunks known to be in the store
+    local_tokens: int = 0  # vLLM's own prefix hit, as last offered to get_num_new_matched_tokens
+
+
+@dataclass
+class _Transfer:
+    """A store task in flight on the worker, with the staging memory it reads or fills."""
+
+    job: ChunkJob
+    task: Any
+    staging: torch.Tensor
+    started: float
+
+
+class UcmConnector(KVConnectorBase_V1):
+    """Prefix cache beyond device memory: KV chunks persisted to, and loaded from, a UCM store."""
+
+    _cache_hit_source = CacheHitSource.DISK
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        self.config = ConnectorConfig.from_extra_config(transfer.kv_connector_extra_config)
+        self._saves_enabled = transfer.is_kv_producer
+        self._loads_enabled = transfer.is_kv_consumer
+        self._wait_for_commit = transfer.kv_role == "kv_producer"
+        cache_config = vllm_config.cache_config
+        self.block_tokens = cache_config.block_size
+        self.chunk_tokens = self.config.chunk_tokens or self.block_tokens
+        if self.block_tokens % self.chunk_tokens != 0:
+            raise ValueError(
+                f"UcmConnector: chunk_tokens {self.chunk_tokens} must divide the block size {self.block_tokens}"
+            )
+        parallel = vllm_config.parallel_config
+        self.tp_size = parallel.tensor_parallel_size
+        self.namespace = chunk_keys.namespace_digest(self._namespace_fields(vllm_config))
+        store_config = self.config.resolved_store_config(num_shards=self.tp_size)
+        self.store = open_store(self.config.store, store_config)
+        self._warn_if_process_local(store_config)
+        self._stats = UcmConnectorStats()
+
+        # scheduler side
+        self._requests: dict[str, _RequestState] = {}
+        self._pending_loads: list[ChunkJob] = []
+        # worker side
+        self._paged: PagedKV | None = None
+        self._shard = 0
+        self._loads: deque[_Transfer] = deque()
+        self._saves: deque[_Transfer] = deque()
+        self._finished_loads: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self._idle_step = False
+        self._staging_free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    # ==== shared ===========================================================================
+    def _namespace_fields(self, vllm_config: VllmConfig) -> dict[str, Any]:
+        """What changes the meaning of stored bytes. Block size, layout and TP size do not (docs/format.md)."""
+        model = vllm_config.model_config
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        return {
+            "model": self.config.namespace or model.model,
+            "revision": None if self.config.namespace else model.revision,
+            "dtype": str(model.dtype),
+            "cache_dtype": str(model.dtype) if cache_dtype == "auto" else str(cache_dtype),
+            "layers": model.get_num_layers(vllm_config.parallel_config),
+            "kv_heads": model.get_total_num_kv_heads(),
+            "head_size": model.get_head_size(),
+            "chunk_tokens": self.chunk_tokens,
+        }
+
+    def _warn_if_process_local(self, store_config: dict[str, Any]) -> None:
+        if self.config.store == "memory" and not store_config.get("backend"):
+            log.warning(
+                "UcmConnector: the 'memory' store without a backend lives inside one process, so another "
+                "engine process or a restart never hits it; add a backend, e.g. "
+                '"store_config": {"capacity_bytes": ..., "backend": {"name": "posix", "config": {"root": ...}}}'
+            )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A cache is best effort: a preempted request need not keep its in-flight output for us.
+        return False
+
+    def get_kv_connector_stats(self) -> UcmConnectorStats | None:
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, UcmConnectorStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> UcmConnectorStats:
+        return UcmConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> UcmPromMetrics:
+        return UcmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        for transfer in list(self._saves) + list(self._loads):
+            try:
+                self.store.wait(transfer.task)
+            except StoreError:
+                pass
+        self._saves.clear()
+        self._loads.clear()
+        self.store.close()
+
+    # ==== scheduler side ===================================================================
+    def _state(self, request: Request) -> _RequestState | None:
+        state = self._requests.get(request.request_id)
+        if state is not None:
+            return state
+        if request.prompt_token_ids is None or getattr(request, "mm_features", None):
+            return None  # prompt embeddings and multimodal inputs are not keyed by their tokens alone
+        lora = request.lora_request.lora_name if request.lora_request is not None else None
+        seed = chunk_keys.request_seed(self.namespace, request.cache_salt, lora)
+        state = _RequestState(request, chunk_keys.chunk_keys(seed, request.prompt_token_ids, self.chunk_tokens))
+        self._requests[request.request_id] = state
+        return state
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self._state(request)
+        if state is None or not state.keys:
+            return 0, False
+        state.stored_chunks = self.store.lookup_prefix(state.keys)
+        state.local_tokens = num_computed_tokens
+        self._stats.add(lookups=1, lookup_chunks=len(state.keys), hit_chunks=state.stored_chunks)
+        if not self._loads_enabled:
+            return 0, False
+        # The last prompt token is always computed (it yields the first output token).
+        loadable = min(state.stored_chunks * self.chunk_tokens, request.num_tokens - 1)
+        loadable -= loadable % self.chunk_tokens
+        external = loadable - num_computed_tokens
+        if external <= 0:
+            return 0, False
+        return external, self.config.load_async
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if num_external_tokens == 0:
+            return
+        state = self._requests[request.request_id]
+        first = state.local_tokens // self.chunk_tokens
+        last = (state.local_tokens + num_external_tokens) // self.chunk_tokens
+        self._pending_loads.append(self._job(request.request_id, state.keys, blocks.get_block_ids()[0], first, last))
+
+    def _job(self, req_id: str, keys: list[bytes], block_ids: list[int], first: int, last: int) -> ChunkJob:
+        per_block = self.block_tokens // self.chunk_tokens
+        chunks = range(first, last)
+        return ChunkJob(
+            req_id,
+            keys[first:last],
+            [block_ids[c // per_block] for c in chunks],
+            [c % per_block for c in chunks],
+        )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = UcmConnectorMetadata(loads=self._pending_loads)
+        self._pending_loads = []
+        if not self._saves_enabled:
+            return meta
+        block_state = scheduler_output.kv_connector_block_state
+        scheduled = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        scheduled += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        for req_id, computed in scheduled:
+            state = self._requests.get(req_id)
+            if state is None or block_state is None:
+                continue
+            done = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            full = min(done // self.chunk_tokens, len(state.keys))
+            if full <= state.stored_chunks:
+                continue
+            block_ids = block_state.get_block_ids(req_id)
+            if block_ids is None:
+                continue
+            meta.saves.append(self._job(req_id, state.keys, block_ids[0], state.stored_chunks, full))
+            state.stored_chunks = full
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saves are copied out of the cache within their step, so the blocks can be freed at once.
+        self._requests.pop(request.request_id, None)
+        return False, None
+
+    # ==== worker side ======================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.platforms import current_platform
+
+        layout = "cpu" if current_platform.is_cpu() else "flash"
+        if layout == "cpu":
+            _refuse_packed_cpu_layout(next(iter(kv_caches.values())), self.block_tokens)
+        self._paged = PagedKV(kv_caches, layout, self.chunk_tokens)
+        if self.tp_size > 1:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            self._shard = get_tensor_model_parallel_rank()
+
+    def _staging(self, count: int) -> torch.Tensor:
+        shape = self._paged.staging_shape(count)
+        free = self._staging_free.get(shape)
+        return free.pop() if free else torch.empty(shape, dtype=self._paged.dtype)
+
+    def _release(self, staging: torch.Tensor) -> None:
+        self._staging_free.setdefault(tuple(staging.shape), []).append(staging)
+
+    def _indices(self, job: ChunkJob) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(job.block_ids, dtype=torch.long), torch.tensor(job.chunk_in_block, dtype=torch.long)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._idle_step = forward_context is None or forward_context.attn_metadata is None
+        meta = self._get_connector_metadata()
+        for job in meta.loads:
+            staging = self._staging(len(job.keys))
+            task = self.store.load(job.keys, self._paged.chunk_buffers(staging), [self._shard] * len(job.keys))
+            self._loads.append(_Transfer(job, task, staging, time.perf_counter()))
+        if not self.config.load_async:
+            while self._loads:
+                self._finish_load(self._loads.popleft())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass  # synchronous loads finish in start_load_kv; asynchronous ones before their request runs
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        pass  # chunks are copied out once per step, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        for job in self._get_connector_metadata().saves:
+            staging = self._staging(len(job.keys))
+            blocks, chunk_in_block = self._indices(job)
+            self._paged.gather(blocks, chunk_in_block, staging)
+            task = self.store.dump(job.keys, self._paged.chunk_buffers(staging), [self._shard] * len(job.keys))
+            self._saves.append(_Transfer(job, task, staging, time.perf_counter()))
+        # A producer answers only once its chunks are committed, so a consumer started after the
+        # reply always finds them.
+        self._reap_saves(block=self._wait_for_commit)
+
+    def _reap_saves(self, block: bool) -> None:
+        while self._saves and (block or self.store.check(self._saves[0].task)):
+            transfer = self._saves.popleft()
+            count = len(transfer.job.keys)
+            try:
+                self.store.wait(transfer.task)
+                failed = 0
+            except StoreError as exc:
+                failed = len(exc.ids)
+                log.warning("UcmConnector: %d chunk(s) of request %s were not saved: %s", failed, transfer.job.req_id, exc)
+            self._stats.add(
+                saved_chunks=count - failed,
+                save_failures=failed,
+                saved_bytes=(count - failed) * self._paged.chunk_bytes,
+                save_seconds=time.perf_counter() - transfer.started,
+            )
+            self._release(transfer.staging)
+
+    def _finish_load(self, transfer: _Transfer) -> None:
+        job = transfer.job
+        failed: set[bytes] = set()
+        try:
+            self.store.wait(transfer.task)
+        except StoreError as exc:
+            failed = set(exc.ids)
+            log.warning("UcmConnector: %d chunk(s) of request %s failed to load and are recomputed: %s",
+                        len(failed), job.req_id, exc)
+        good = [i for i, key in enumerate(job.keys) if key not in failed]
+        if good:
+            blocks, chunk_in_block = self._indices(job)
+            index = torch.tensor(good, dtype=torch.long)
+            staging = transfer.staging if len(good) == len(job.keys) else transfer.staging.index_select(2, index)
+            self._paged.scatter(blocks[index], chunk_in_block[index], staging)
+        self._failed_blocks.update(job.block_ids[i] for i, key in enumerate(job.keys) if key in failed)
+        self._stats.add(
+            loaded_chunks=len(good),
+            load_failures=len(failed),
+            loaded_bytes=len(good) * self._paged.chunk_bytes,
+            load_seconds=time.perf_counter() - transfer.started,
+        )
+        self._release(transfer.staging)
+        self._finished_loads.add(job.req_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._reap_saves(block=False)
+        # On a step with nothing to compute, waiting for the oldest load costs nothing.
+        while self._loads and (self.store.check(self._loads[0].task) or self._idle_step):
+            self._finish_load(self._loads.popleft())
+            self._idle_step = False
+        done, self._finished_loads = self._finished_loads, set()
+        return None, done or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+
+def _refuse_packed_cpu_layout(cache: torch.Tensor, block_tokens: int) -> None:
+    """vLLM's CPU attention packs K and V differently on CPUs with AMX tiles (bf16, blocks of 32k tokens)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if amx and cache.dtype == torch.bfloat16 and block_tokens % 32 == 0:
+        raise RuntimeError(
+            "UcmConnector: on this CPU vLLM packs the bf16 KV cache for AMX tiles, a layout UcmConnector does not "
+            "convert yet; run with --dtype float16 or float32"
+        )

@@ -1,0 +1,92 @@
+"""Moving chunks between the engine's paged KV cache and the store's chunk format.
+
+The chunk format (docs/format.md): one chunk of C tokens of one tensor-parallel shard is
+``[layers, 2 (K, V), heads of the shard, C, head_size]`` in the cache dtype, C-contiguous, layers
+in model order. The engine's page layout does not reach the store: each layout is viewed here as
+K and V tensors ``[blocks, heads, block_tokens, head_size]`` and copied in one pass per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    match = _LAYER_INDEX.search(name)
+    return (int(match.group(1)) if match else -1, name)
+
+
+def kv_views(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V views ``[blocks, heads, block_tokens, head_size]`` of one layer's paged cache."""
+    if layout == "cpu":
+        # [blocks, heads, block_tokens, 2 * head_size]; per (block, head): K transposed [D, N], then V [N, D].
+        blocks, heads, tokens, double = cache.shape
+        dim = double // 2
+        bs, hs, _, _ = cache.stride()
+        offset = cache.storage_offset()
+        key = cache.as_strided((blocks, heads, tokens, dim), (bs, hs, 1, tokens), offset)
+        value = cache.as_strided((blocks, heads, tokens, dim), (bs, hs, dim, 1), offset + tokens * dim)
+        return key, value
+    if layout == "flash":
+        # [2, blocks, block_tokens, heads, head_size] (per token K and V).
+        return cache[0].permute(0, 2, 1, 3), cache[1].permute(0, 2, 1, 3)
+    raise ValueError(f"UcmConnector: unsupported KV cache layout {layout!r}")
+
+
+class PagedKV:
+    """The engine's KV cache, layer by layer, with gather and scatter of whole chunks."""
+
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], layout: str, chunk_tokens: int):
+        self.layer_names = sorted(kv_caches, key=_layer_order)
+        self.views = [kv_views(kv_caches[name], layout) for name in self.layer_names]
+        key = self.views[0][0]
+        self.block_tokens = key.shape[2]
+        self.heads = key.shape[1]
+        self.head_size = key.shape[3]
+        self.dtype = key.dtype
+        if self.block_tokens % chunk_tokens != 0:
+            raise ValueError(
+                f"UcmConnector: chunk_tokens {chunk_tokens} must divide the engine's block size {self.block_tokens}"
+            )
+        self.chunk_tokens = chunk_tokens
+        self.chunks_per_block = self.block_tokens // chunk_tokens
+        self.piece_bytes = self.heads * chunk_tokens * self.head_size * key.element_size()
+        self.chunk_bytes = 2 * len(self.views) * self.piece_bytes
+
+    def staging_shape(self, count: int) -> tuple[int, ...]:
+        return (len(self.views), 2, count, self.heads, self.chunk_tokens, self.head_size)
+
+    def chunk_buffers(self, staging: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per chunk, the (address, nbytes) pieces of ``staging`` that make up its stored bytes, in order."""
+        count = staging.shape[2]
+        slabs = 2 * len(self.views)
+        starts = staging.data_ptr() + (np.arange(slabs)[:, None] * count + np.arange(count)[None, :]) * self.piece_bytes
+        piece = self.piece_bytes
+        return [[(int(address), piece) for address in starts[:, i]] for i in range(count)]
+
+    def _chunked(self, view: torch.Tensor) -> torch.Tensor:
+        return view.unflatten(2, (self.chunks_per_block, self.chunk_tokens))
+
+    def gather(self, blocks: torch.Tensor, chunk_in_block: torch.Tensor, staging: torch.Tensor) -> None:
+        """Copy chunks out of the cache into ``staging`` (one pass per layer and K/V)."""
+        for layer, views in enumerate(self.views):
+            for kv, view in enumerate(views):
+                if self.chunks_per_block == 1:
+                    torch.index_select(view, 0, blocks, out=staging[layer, kv])
+                else:
+                    staging[layer, kv].copy_(self._chunked(view)[blocks, :, chunk_in_block])
+
+    def scatter(self, blocks: torch.Tensor, chunk_in_block: torch.Tensor, staging: torch.Tensor) -> None:
+        """Copy chunks from ``staging`` into the cache (one pass per layer and K/V)."""
+        for layer, views in enumerate(self.views):
+            for kv, view in enumerate(views):
+                if self.chunks_per_block == 1:
+                    view.index_copy_(0, blocks, staging[layer, kv])
+                else:
+                    self._chunked(view)[blocks, :, chunk_in_block] = staging[layer, kv]
