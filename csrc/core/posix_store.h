@@ -69,6 +69,7 @@ private:
     uint64_t evict_pass(bool take, bool wait_for_lease);
     bool take_lease();
     bool loaded_since(const std::vector<std::string>& files, int64_t mtime_ns) const;
+    static void touch(int fd);
     static bool is_damage(const std::string& error);
     void discard_damaged(int fd, const std::string& path, const std::string& id);
     bool tmp_is_abandoned(const std::string& name, int64_t mtime_s) const;

@@ -85,7 +85,9 @@ def validate_config(store_name: str, schema: Mapping[str, Option], config: Mappi
                 f"store {store_name!r}: config key {key!r} must be {_type_names(types)}, got {type(value).__name__}"
             )
         if option.minimum is not None and value < option.minimum:
-            raise ValueError(f"store {store_name!r}: config key {key!r} must be at least {option.minimum}, got {value!r}")
+            raise ValueError(
+                f"store {store_name!r}: config key {key!r} must be at least {option.minimum}, got {value!r}"
+            )
         resolved[key] = value
     return resolved
 

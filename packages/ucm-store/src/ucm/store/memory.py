@@ -73,7 +73,8 @@ class MemoryStore(KVStore):
         unknown = set(spec) - {"name", "config"}
         if unknown or "name" not in spec:
             raise ValueError(
-                f"store 'memory': config key 'backend' must be {{'name': ..., 'config': {{...}}}}, got keys {sorted(spec)}"
+                "store 'memory': config key 'backend' must be {'name': ..., 'config': {...}}, "
+                f"got keys {sorted(spec)}"
             )
         backend_config = dict(spec.get("config") or {})
         backend_config.setdefault("num_shards", self.config["num_shards"])
@@ -178,8 +179,9 @@ class MemoryStore(KVStore):
         ids, buffers, shards = batch
         keep = [i for i, block_id in enumerate(ids) if block_id not in failed]
         if keep:
-            promoted = self._cache.dump([ids[i] for i in keep], [buffers[i] for i in keep], [shards[i] for i in keep],
-                                        dirty=False)
+            promoted = self._cache.dump(
+                [ids[i] for i in keep], [buffers[i] for i in keep], [shards[i] for i in keep], dirty=False
+            )
             promoted.wait()
 
     # -- the rest of the contract ----------------------------------------------------------

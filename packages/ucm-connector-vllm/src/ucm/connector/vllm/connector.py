@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ucm.connector.vllm import keys as chunk_keys
 from ucm.connector.vllm.config import ConnectorConfig
 from ucm.connector.vllm.metrics import UcmConnectorStats, UcmPromMetrics
 from ucm.connector.vllm.paged import PagedKV
 from ucm.store import StoreError, open_store
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -233,6 +233,10 @@ class UcmConnector(KVConnectorBase_V1):
             state = self._requests.get(req_id)
             if state is None or block_state is None:
                 continue
+            # Chunks before `computed` are in the cache; any beyond it that the store was thought to
+            # hold are being recomputed (a failed load, or the last chunk), so save them again:
+            # the store skips chunks it already holds.
+            state.stored_chunks = min(state.stored_chunks, computed // self.chunk_tokens)
             done = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
             full = min(done // self.chunk_tokens, len(state.keys))
             if full <= state.stored_chunks:
@@ -312,7 +316,9 @@ class UcmConnector(KVConnectorBase_V1):
                 failed = 0
             except StoreError as exc:
                 failed = len(exc.ids)
-                log.warning("UcmConnector: %d chunk(s) of request %s were not saved: %s", failed, transfer.job.req_id, exc)
+                log.warning(
+                    "UcmConnector: %d chunk(s) of request %s were not saved: %s", failed, transfer.job.req_id, exc
+                )
             self._stats.add(
                 saved_chunks=count - failed,
                 save_failures=failed,
@@ -328,8 +334,12 @@ class UcmConnector(KVConnectorBase_V1):
             self.store.wait(transfer.task)
         except StoreError as exc:
             failed = set(exc.ids)
-            log.warning("UcmConnector: %d chunk(s) of request %s failed to load and are recomputed: %s",
-                        len(failed), job.req_id, exc)
+            log.warning(
+                "UcmConnector: %d chunk(s) of request %s failed to load and are recomputed: %s",
+                len(failed),
+                job.req_id,
+                exc,
+            )
         good = [i for i, key in enumerate(job.keys) if key not in failed]
         if good:
             blocks, chunk_in_block = self._indices(job)
