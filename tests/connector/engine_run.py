@@ -1,54 +1,69 @@
-"""One vLLM engine in a fresh process: ``python engine_run.py SPEC.json RESULT.json``.
+"""vLLM engines in a child process: ``python engine_run.py SPEC.json RESULT.json``.
 
-The tests start this script once per engine, so every engine begins with an empty device cache
-and only the store connects one run to the next, as with separate servers. ``SPEC.json``:
+``SPEC.json`` is ``{"engines": [engine, ...]}``; the engines run one after another, each shut
+down before the next starts, so every engine begins with an empty device cache and only the
+store links one to the next. An engine:
 
-``model``, ``block_size``, ``max_num_batched_tokens``, ``enable_chunked_prefill``, ``max_model_len``
+``name``, ``model``, ``block_size``, ``max_num_batched_tokens``, ``enable_chunked_prefill``, ``max_model_len``
     the engine.
 ``connector``
-    ``null`` (no connector) or ``{"kv_role", "extra_config", "module_path", "failure_policy"}``.
+    absent (no connector) or ``{"kv_role", "extra_config", "module_path", "failure_policy"}``.
 ``phases``
     ``[{"name", "prompts": [[token ids]], "max_tokens", "logprobs"}]``, one ``generate`` call
     each, in order. Greedy sampling.
 ``store_root``
-    counted after each phase (block files under ``blocks/``).
+    its block files are counted after each phase.
 ``sabotage``
-    ``null`` or ``"truncate"`` / ``"delete"``: the first time a lookup finds chunks in the store,
-    every block file under ``store_root`` is cut in half or removed before the load starts, as
-    another process evicting or damaging blocks would.
+    ``"truncate"`` or ``"delete"``: the first time a lookup finds chunks in the store, every block
+    file under ``store_root`` is cut in half or removed before the load starts, as another process
+    damaging or evicting blocks at that moment would.
 ``expect_error``
-    the engine must fail to start; the result records the error instead of outputs.
+    the engine must fail to start; its result is the error instead of outputs.
 
-``RESULT.json``: per phase the outputs (tokens, logprobs as exact floats, cached prompt tokens),
-the counters and gauges that phase added (``llm.get_metrics()``), and the block file count.
+``RESULT.json``: one JSON line per engine, written as it ends: per phase the outputs (tokens,
+logprobs as exact floats, prompt tokens not computed), the counters that phase added
+(``llm.get_metrics()``) and the block file count; the block file count once the engine has shut
+down. An engine that raises is recorded as a ``crash`` and the next one still runs; one that
+stops making progress is recorded as a ``hang`` and ends the process (see ``Watchdog``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 
-# Before vLLM is imported: one process on a small CPU box, no hub, no compile.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
+#: Set before vLLM is imported: one process on a small CPU box, no hub, no compilation.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TORCHDYNAMO_DISABLE": "1",
+}
 KV_CACHE_BYTES = 64 << 20
+#: Seconds an engine may take for all its phases (a few on the 2-core test machines).
+ENGINE_TIMEOUT = 120
 
 
-def block_files(root: str | None) -> list[Path]:
-    """The committed block files of a posix store root (temporary files being written excluded)."""
+def block_files(root: str | Path | None) -> list[Path]:
+    """The committed block files of a posix store root (files still being written excluded)."""
     if not root:
         return []
     return sorted(p for p in Path(root).glob("blocks/*/*") if p.is_file() and not p.name.startswith(".tmp"))
 
 
-def install_sabotage(action: str, root: str) -> None:
+@contextlib.contextmanager
+def sabotage(action: str | None, root: str | None):
     """Damage the store right after the first lookup that finds chunks, before their load is submitted."""
+    if not action:
+        yield
+        return
     from ucm.connector.vllm.connector import UcmConnector
 
     lookup = UcmConnector.get_num_new_matched_tokens
@@ -67,6 +82,10 @@ def install_sabotage(action: str, root: str) -> None:
         return result
 
     UcmConnector.get_num_new_matched_tokens = get_num_new_matched_tokens
+    try:
+        yield
+    finally:
+        UcmConnector.get_num_new_matched_tokens = lookup
 
 
 def make_engine(spec: dict):
@@ -94,21 +113,20 @@ def make_engine(spec: dict):
         kv_cache_memory_bytes=KV_CACHE_BYTES,
         enforce_eager=True,
         disable_log_stats=False,
-        seed=0,
         **kwargs,
     )
 
 
-def metric_values(llm) -> dict[str, float]:
-    """Counters and gauges summed over engines; labels other than model and engine become part of the name."""
-    from vllm.v1.metrics.reader import Counter, Gauge
+def counters(llm) -> dict[str, float]:
+    """Counters summed over engines; labels other than model and engine become part of the name."""
+    from vllm.v1.metrics.reader import Counter
 
     values: dict[str, float] = {}
     for metric in llm.get_metrics():
-        if not isinstance(metric, Counter | Gauge):
+        if not isinstance(metric, Counter):
             continue
-        extra = {k: v for k, v in sorted(metric.labels.items()) if k not in ("model_name", "engine")}
-        name = metric.name + ("{" + ",".join(f"{k}={v}" for k, v in extra.items()) + "}" if extra else "")
+        extra = [f"{k}={v}" for k, v in sorted(metric.labels.items()) if k not in ("model_name", "engine")]
+        name = metric.name + ("{" + ",".join(extra) + "}" if extra else "")
         values[name] = values.get(name, 0) + metric.value
     return values
 
@@ -116,56 +134,107 @@ def metric_values(llm) -> dict[str, float]:
 def output_record(output) -> dict:
     completion = output.outputs[0]
     return {
+        "prompt": list(output.prompt_token_ids),
         "tokens": list(completion.token_ids),
-        # Exact floats: JSON round-trips a Python float bit for bit.
+        # [token, logprob, rank] per candidate; JSON keeps a Python float bit for bit.
         "logprobs": [
             sorted([token, entry.logprob, entry.rank] for token, entry in position.items())
             for position in completion.logprobs
         ],
         "num_cached_tokens": output.num_cached_tokens,
-        "finish_reason": completion.finish_reason,
     }
 
 
-def run(spec: dict) -> dict:
+def run_engine(spec: dict, results) -> dict:
     from vllm import SamplingParams
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
-    if spec.get("sabotage"):
-        install_sabotage(spec["sabotage"], spec["store_root"])
     if spec.get("expect_error"):
         try:
-            make_engine(spec)
+            llm = make_engine(spec)
         except Exception as exc:  # the error is the result
             return {"error": f"{type(exc).__name__}: {exc}"}
+        llm.llm_engine.engine_core.shutdown()
         return {"error": None}
-
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     llm = make_engine(spec)
     result = {"phases": [], "registered_by_plugin": "UcmConnector" in KVConnectorFactory._registry}
-    before = metric_values(llm)
-    for phase in spec["phases"]:
-        params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), logprobs=phase.get("logprobs", 2))
-        outputs = llm.generate([{"prompt_token_ids": p} for p in phase["prompts"]], params, use_tqdm=False)
-        after = metric_values(llm)
-        result["phases"].append(
-            {
-                "name": phase["name"],
-                "outputs": [output_record(o) for o in outputs],
-                "metrics": {name: after[name] - before.get(name, 0) for name in after},
-                "files": len(block_files(spec.get("store_root"))),
-            }
-        )
-        before = after
-    # Shutting down waits for the saves still in flight, so the store is complete when this process ends.
-    llm.llm_engine.engine_core.shutdown()
+    watchdog = Watchdog(llm, spec, results)
+    watchdog.start()
+    try:
+        before = counters(llm)
+        for phase in spec["phases"]:
+            params = SamplingParams(temperature=0.0, max_tokens=phase["max_tokens"], logprobs=phase["logprobs"])
+            prompts = [{"prompt_token_ids": p} for p in phase["prompts"]]
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            after = counters(llm)
+            result["phases"].append(
+                {
+                    "name": phase["name"],
+                    "outputs": [output_record(o) for o in outputs],
+                    "metrics": {name: after[name] - before.get(name, 0) for name in after},
+                    "files": len(block_files(spec.get("store_root"))),
+                }
+            )
+            before = after
+    finally:
+        watchdog.stopped.set()
+        # Waits for the saves still in flight: the store is complete once the engine is gone.
+        llm.llm_engine.engine_core.shutdown()
+    result["files_at_exit"] = len(block_files(spec.get("store_root")))
     return result
 
 
-if __name__ == "__main__":
-    spec_path, result_path = sys.argv[1:3]
+class Watchdog(threading.Thread):
+    """Ends the process when an engine stops making progress: past its deadline, or when loads
+    keep failing (with ``kv_load_failure_policy="recompute"`` a chunk may fail once per lookup,
+    so failures beyond twice the prompts' chunks mean the same chunks are retried in a loop).
+
+    The engine cannot be interrupted in the middle of ``generate``, so the record says why and the
+    process exits; the parent starts the engines that remain in a new process.
+    """
+
+    def __init__(self, llm, spec: dict, results):
+        super().__init__(daemon=True)
+        self.llm, self.spec, self.results = llm, spec, results
+        self.stopped = threading.Event()
+        chunk = (spec.get("connector") or {}).get("extra_config", {}).get("chunk_tokens") or spec["block_size"]
+        self.max_failures = 2 * sum(len(p) // chunk for phase in spec["phases"] for p in phase["prompts"])
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.spec.get("timeout_s", ENGINE_TIMEOUT)
+        while not self.stopped.wait(0.25):
+            failures = counters(self.llm).get("vllm:ucm_load_failures", 0)
+            if failures > self.max_failures:
+                reason = (
+                    f"{failures:.0f} chunk load failures for prompts of {self.max_failures // 2} chunks: "
+                    "the engine loads the same failing chunks again and again"
+                )
+            elif time.monotonic() > deadline:
+                reason = f"no result after {self.spec.get('timeout_s', ENGINE_TIMEOUT)} s"
+            else:
+                continue
+            self.results.write(json.dumps({"name": self.spec["name"], "hang": reason}) + "\n")
+            self.results.flush()
+            os._exit(3)
+
+
+def main(spec_path: str, result_path: str) -> None:
+    """Runs the engines in order, one JSON line per engine in ``result_path`` as each ends."""
     with open(spec_path) as f:
-        spec = json.load(f)
-    result = run(spec)
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+        engines = json.load(f)["engines"]
+    with open(result_path, "w") as results:
+        for spec in engines:
+            try:
+                with sabotage(spec.get("sabotage"), spec.get("store_root")):
+                    result = run_engine(spec, results)
+            except Exception:
+                result = {"crash": traceback.format_exc()}
+            results.write(json.dumps({"name": spec["name"], **result}) + "\n")
+            results.flush()
+
+
+if __name__ == "__main__":
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    main(*sys.argv[1:3])

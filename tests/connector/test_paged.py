@@ -36,13 +36,13 @@ def test_gather_then_scatter_moves_exactly_the_chunks(layout, chunk, dtype):
     caches = {f"model.layers.{i}.self_attn.attn": torch.randn(shape).to(dtype) for i in (2, 0, 1)}
     paged = PagedKV(caches, layout, chunk)
     assert [name.split(".")[2] for name in paged.layer_names] == ["0", "1", "2"]
-    blocks = torch.tensor([5, 1, 3])
-    within = torch.tensor([0, TOKENS // chunk - 1, 0])
+    blocks = [5, 1, 3]
+    within = [0, TOKENS // chunk - 1, 0]
     staging = torch.full(paged.staging_shape(3), float("nan"), dtype=dtype)
     paged.gather(blocks, within, staging)
     for layer, name in enumerate(paged.layer_names):
         for kv, tensor in enumerate(reference(caches[name])):
-            for i, (b, c) in enumerate(zip(blocks.tolist(), within.tolist(), strict=True)):
+            for i, (b, c) in enumerate(zip(blocks, within, strict=True)):
                 assert torch.equal(staging[layer, kv, i], tensor[b, :, c * chunk : (c + 1) * chunk])
 
     originals = {name: cache.clone() for name, cache in caches.items()}
@@ -51,7 +51,7 @@ def test_gather_then_scatter_moves_exactly_the_chunks(layout, chunk, dtype):
     paged.scatter(blocks, within, staging)
     for name in caches:
         for tensor, original in zip(reference(caches[name]), reference(originals[name]), strict=True):
-            for b, c in zip(blocks.tolist(), within.tolist(), strict=True):
+            for b, c in zip(blocks, within, strict=True):
                 window = slice(c * chunk, (c + 1) * chunk)
                 assert torch.equal(tensor[b, :, window], original[b, :, window])
             untouched = torch.ones(BLOCKS, dtype=torch.bool)

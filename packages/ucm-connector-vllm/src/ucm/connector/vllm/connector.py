@@ -13,6 +13,7 @@ thing the forward pass waits for) and write them in the background.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("ucm.connector.vllm")
@@ -48,6 +50,7 @@ class ChunkJob:
     """Chunks of one request to move between the store and the paged cache."""
 
     req_id: str
+    first_chunk: int  # index of keys[0] among the request's chunks
     keys: list[bytes]
     block_ids: list[int]  # the cache block holding each chunk
     chunk_in_block: list[int]  # which chunk of that block
@@ -67,6 +70,9 @@ class _RequestState:
     keys: list[bytes]  # of the prompt's full chunks
     stored_chunks: int = 0  # leading chunks known to be in the store
     local_tokens: int = 0  # vLLM's own prefix hit, as last offered to get_num_new_matched_tokens
+    loadable_chunks: int | None = None  # set once a load failed: chunks from here on are not offered again
+    load: ChunkJob | None = None  # the last load planned, until its outcome is known
+    load_sent: bool = False  # the load is in a step's metadata, so the next outputs tell its outcome
 
 
 @dataclass
@@ -103,7 +109,7 @@ class UcmConnector(KVConnectorBase_V1):
         self.namespace = chunk_keys.namespace_digest(self._namespace_fields(vllm_config))
         store_config = self.config.resolved_store_config(num_shards=self.tp_size)
         self.store = open_store(self.config.store, store_config)
-        self._warn_if_process_local(store_config)
+        self._warn_if_process_local(store_config, vllm_config.model_config.model)
         self._stats = UcmConnectorStats()
 
         # scheduler side
@@ -135,7 +141,22 @@ class UcmConnector(KVConnectorBase_V1):
             "chunk_tokens": self.chunk_tokens,
         }
 
-    def _warn_if_process_local(self, store_config: dict[str, Any]) -> None:
+    def _warn_if_process_local(self, store_config: dict[str, Any], model: str) -> None:
+        """Warn about settings under which another process or a restart can never hit."""
+        root = store_config.get("root")
+        if isinstance(root, str) and not os.path.isabs(root):
+            log.warning(
+                "UcmConnector: store root %r is relative, so processes started elsewhere use another directory; "
+                "give an absolute path",
+                root,
+            )
+        if self.config.namespace is None and os.path.exists(model) and not os.path.isabs(model):
+            log.warning(
+                "UcmConnector: the model path %r is relative and part of the store keys, so an engine started "
+                "from another directory (or with an absolute path) misses; give an absolute path or set "
+                '"namespace" in kv_connector_extra_config',
+                model,
+            )
         if self.config.store == "memory" and not store_config.get("backend"):
             log.warning(
                 "UcmConnector: the 'memory' store without a backend lives inside one process, so another "
@@ -190,6 +211,8 @@ class UcmConnector(KVConnectorBase_V1):
         if state is None or not state.keys:
             return 0, False
         state.stored_chunks = self.store.lookup_prefix(state.keys)
+        if state.loadable_chunks is not None:
+            state.stored_chunks = min(state.stored_chunks, state.loadable_chunks)
         state.local_tokens = num_computed_tokens
         self._stats.add(lookups=1, lookup_chunks=len(state.keys), hit_chunks=state.stored_chunks)
         if not self._loads_enabled:
@@ -204,17 +227,37 @@ class UcmConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
-            return
+            return  # nothing to load (also the second call for an asynchronous load)
         state = self._requests[request.request_id]
         first = state.local_tokens // self.chunk_tokens
         last = (state.local_tokens + num_external_tokens) // self.chunk_tokens
-        self._pending_loads.append(self._job(request.request_id, state.keys, blocks.get_block_ids()[0], first, last))
+        state.load = self._job(request.request_id, state.keys, blocks.get_block_ids()[0], first, last)
+        state.load_sent = False
+        self._pending_loads.append(state.load)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        # A chunk that failed to load is recomputed by vLLM; never offer it (or what follows) again,
+        # or a request whose first chunk cannot be read would be readmitted and fail forever.
+        invalid = connector_output.invalid_block_ids
+        finished = connector_output.finished_recving or set()
+        for state in self._requests.values():
+            job = state.load
+            if job is None or not state.load_sent:
+                continue
+            failed = [i for i, block in enumerate(job.block_ids) if block in invalid] if invalid else []
+            if failed:
+                state.loadable_chunks = job.first_chunk + failed[0]
+            # A synchronous load ran in the step these outputs are from; an asynchronous one is
+            # over once reported finished.
+            if failed or not self.config.load_async or job.req_id in finished:
+                state.load = None
 
     def _job(self, req_id: str, keys: list[bytes], block_ids: list[int], first: int, last: int) -> ChunkJob:
         per_block = self.block_tokens // self.chunk_tokens
         chunks = range(first, last)
         return ChunkJob(
             req_id,
+            first,
             keys[first:last],
             [block_ids[c // per_block] for c in chunks],
             [c % per_block for c in chunks],
@@ -223,6 +266,10 @@ class UcmConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = UcmConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
+        for job in meta.loads:
+            state = self._requests.get(job.req_id)
+            if state is not None:
+                state.load_sent = True
         if not self._saves_enabled:
             return meta
         block_state = scheduler_output.kv_connector_block_state
@@ -274,9 +321,6 @@ class UcmConnector(KVConnectorBase_V1):
     def _release(self, staging: torch.Tensor) -> None:
         self._staging_free.setdefault(tuple(staging.shape), []).append(staging)
 
-    def _indices(self, job: ChunkJob) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(job.block_ids, dtype=torch.long), torch.tensor(job.chunk_in_block, dtype=torch.long)
-
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._idle_step = forward_context is None or forward_context.attn_metadata is None
         meta = self._get_connector_metadata()
@@ -285,8 +329,8 @@ class UcmConnector(KVConnectorBase_V1):
             task = self.store.load(job.keys, self._paged.chunk_buffers(staging), [self._shard] * len(job.keys))
             self._loads.append(_Transfer(job, task, staging, time.perf_counter()))
         if not self.config.load_async:
-            while self._loads:
-                self._finish_load(self._loads.popleft())
+            while self._loads:  # a synchronous load is not reported as a finished receive
+                self._finish_load(self._loads.popleft(), report=False)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         pass  # synchronous loads finish in start_load_kv; asynchronous ones before their request runs
@@ -299,8 +343,7 @@ class UcmConnector(KVConnectorBase_V1):
             return
         for job in self._get_connector_metadata().saves:
             staging = self._staging(len(job.keys))
-            blocks, chunk_in_block = self._indices(job)
-            self._paged.gather(blocks, chunk_in_block, staging)
+            self._paged.gather(job.block_ids, job.chunk_in_block, staging)
             task = self.store.dump(job.keys, self._paged.chunk_buffers(staging), [self._shard] * len(job.keys))
             self._saves.append(_Transfer(job, task, staging, time.perf_counter()))
         # A producer answers only once its chunks are committed, so a consumer started after the
@@ -327,7 +370,7 @@ class UcmConnector(KVConnectorBase_V1):
             )
             self._release(transfer.staging)
 
-    def _finish_load(self, transfer: _Transfer) -> None:
+    def _finish_load(self, transfer: _Transfer, report: bool = True) -> None:
         job = transfer.job
         failed: set[bytes] = set()
         try:
@@ -342,10 +385,10 @@ class UcmConnector(KVConnectorBase_V1):
             )
         good = [i for i, key in enumerate(job.keys) if key not in failed]
         if good:
-            blocks, chunk_in_block = self._indices(job)
-            index = torch.tensor(good, dtype=torch.long)
-            staging = transfer.staging if len(good) == len(job.keys) else transfer.staging.index_select(2, index)
-            self._paged.scatter(blocks[index], chunk_in_block[index], staging)
+            staging = transfer.staging
+            if len(good) < len(job.keys):
+                staging = staging.index_select(2, torch.tensor(good, dtype=torch.long))
+            self._paged.scatter([job.block_ids[i] for i in good], [job.chunk_in_block[i] for i in good], staging)
         self._failed_blocks.update(job.block_ids[i] for i, key in enumerate(job.keys) if key in failed)
         self._stats.add(
             loaded_chunks=len(good),
@@ -354,7 +397,8 @@ class UcmConnector(KVConnectorBase_V1):
             load_seconds=time.perf_counter() - transfer.started,
         )
         self._release(transfer.staging)
-        self._finished_loads.add(job.req_id)
+        if report:
+            self._finished_loads.add(job.req_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._reap_saves(block=False)

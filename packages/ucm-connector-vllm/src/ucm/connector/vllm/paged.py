@@ -3,7 +3,8 @@
 The chunk format (docs/format.md): one chunk of C tokens of one tensor-parallel shard is
 ``[layers, 2 (K, V), heads of the shard, C, head_size]`` in the cache dtype, C-contiguous, layers
 in model order. The engine's page layout does not reach the store: each layout is viewed here as
-K and V tensors ``[blocks, heads, block_tokens, head_size]`` and copied in one pass per layer.
+K and V tensors ``[blocks, heads, block_tokens, head_size]``, and the host transfer path of
+``ucm.store.transfer`` copies chunks through those strides in one native pass.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from ucm.store.transfer import PagedGeometry, gather_chunks, scatter_chunks
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -58,6 +60,20 @@ class PagedKV:
         self.chunks_per_block = self.block_tokens // chunk_tokens
         self.piece_bytes = self.heads * chunk_tokens * self.head_size * key.element_size()
         self.chunk_bytes = 2 * len(self.views) * self.piece_bytes
+        strides = {(k.stride(), v.stride()) for k, v in self.views}
+        if len(strides) != 1 or {k.device.type for k, _ in self.views} != {"cpu"}:
+            raise ValueError("UcmConnector: every layer's KV cache must share one host page layout")
+        key_strides, value_strides = strides.pop()
+        self.geometry = PagedGeometry(
+            keys=[k.data_ptr() for k, _ in self.views],
+            values=[v.data_ptr() for _, v in self.views],
+            key_strides=key_strides,
+            value_strides=value_strides,
+            elem_bytes=key.element_size(),
+            heads=self.heads,
+            head_size=self.head_size,
+            chunk_tokens=chunk_tokens,
+        )
 
     def staging_shape(self, count: int) -> tuple[int, ...]:
         return (len(self.views), 2, count, self.heads, self.chunk_tokens, self.head_size)
@@ -70,23 +86,13 @@ class PagedKV:
         piece = self.piece_bytes
         return [[(int(address), piece) for address in starts[:, i]] for i in range(count)]
 
-    def _chunked(self, view: torch.Tensor) -> torch.Tensor:
-        return view.unflatten(2, (self.chunks_per_block, self.chunk_tokens))
+    def _positions(self, chunk_in_block: list[int]) -> list[int]:
+        return [c * self.chunk_tokens for c in chunk_in_block]
 
-    def gather(self, blocks: torch.Tensor, chunk_in_block: torch.Tensor, staging: torch.Tensor) -> None:
-        """Copy chunks out of the cache into ``staging`` (one pass per layer and K/V)."""
-        for layer, views in enumerate(self.views):
-            for kv, view in enumerate(views):
-                if self.chunks_per_block == 1:
-                    torch.index_select(view, 0, blocks, out=staging[layer, kv])
-                else:
-                    staging[layer, kv].copy_(self._chunked(view)[blocks, :, chunk_in_block])
+    def gather(self, blocks: list[int], chunk_in_block: list[int], staging: torch.Tensor) -> None:
+        """Copy chunks out of the cache into ``staging`` (of ``staging_shape``)."""
+        gather_chunks(self.geometry, blocks, self._positions(chunk_in_block), staging.data_ptr())
 
-    def scatter(self, blocks: torch.Tensor, chunk_in_block: torch.Tensor, staging: torch.Tensor) -> None:
-        """Copy chunks from ``staging`` into the cache (one pass per layer and K/V)."""
-        for layer, views in enumerate(self.views):
-            for kv, view in enumerate(views):
-                if self.chunks_per_block == 1:
-                    view.index_copy_(0, blocks, staging[layer, kv])
-                else:
-                    self._chunked(view)[blocks, :, chunk_in_block] = staging[layer, kv]
+    def scatter(self, blocks: list[int], chunk_in_block: list[int], staging: torch.Tensor) -> None:
+        """Copy chunks from ``staging`` into the cache."""
+        scatter_chunks(self.geometry, blocks, self._positions(chunk_in_block), staging.data_ptr())

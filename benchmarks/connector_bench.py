@@ -1,0 +1,1075 @@
+#!/usr/bin/env python3
+"""The main job: vLLM serving a long-document QA workload with and without ``UcmConnector``.
+
+Three ways, each in its own engine process(es), one request at a time:
+
+* no connector: every prompt once (cold), then at once again while vLLM's own prefix cache holds
+  it; that repeat is the FLOOR, the best any external cache can do;
+* ``UcmConnector`` over a ``posix`` store in an empty directory: a cold pass that saves, then a
+  fresh engine process that replays the same prompts (warm), and one more fresh process with new
+  questions about the same documents (the store keys chunks, so the shared document part hits);
+* vLLM's in-tree ``ExampleConnector`` as the peer, cold then warm in a fresh process (it keys
+  whole prompts, so only identical prompts hit).
+
+Each warm pass starts a new process, so the first prompt of each document is that process's first
+sight of the document: its KV comes from the store or is recomputed. TTFT is the wall time of one
+``generate`` call with ``max_tokens=1``. Connector overhead = warm TTFT - floor, per prompt.
+
+Then a throughput check without reuse (distinct prompts in one ``generate`` call, repeats
+interleaved: no connector, UCM, no connector, UCM, ...) and a chunked-prefill run (one long
+prompt, a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm
+outputs are checked against cold ones.
+
+Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
+(random weights, ~100M parameters, built offline) the run takes about 10-15 minutes on 2 cores;
+``--quick`` (tiny model, short documents) is a smoke test of under 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+#: Acceptance targets, printed next to what was measured.
+TARGET_OVERHEAD_RATIO = 0.5  # UCM overhead / ExampleConnector overhead (warm TTFT - floor)
+TARGET_COLD_COST = 0.03  # UCM cold TTFT over no-connector TTFT
+TARGET_THROUGHPUT_LOSS = 0.05  # UCM tokens/s under no-connector tokens/s, no reuse
+
+#: Engine settings shared by every process (vLLM's CPU defaults otherwise: block size 128).
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs inside the measured process
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+BLOCK_TOKENS = 128  # vLLM's CPU default; used only to size the KV cache
+COMMAND_TIMEOUT_S = 3600.0
+
+
+# -- command line ---------------------------------------------------------------------------
+@dataclass
+class Settings:
+    model: str | None
+    size: str
+    docs: int
+    doc_tokens: int
+    questions: int
+    question_words: int = 12
+    max_tokens_check: int = 8  # tokens generated to check outputs in the chunked-prefill run
+    chunk_budget: int = 2048  # max_num_batched_tokens of the chunked-prefill run
+    tput_prompts: int = 8
+    tput_prompt_tokens: int = 1000
+    tput_max_tokens: int = 32
+    repeats: int = 3
+    dtype: str = "auto"
+    markdown: str | None = None
+    workdir: str | None = None
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a local model directory (default: build the 'small' random-weight model)")
+    parser.add_argument("--docs", type=int, help="documents (default: 3)")
+    parser.add_argument("--doc-tokens", type=int, help="tokens per document (default: 8000)")
+    parser.add_argument("--questions", type=int, help="questions per document (default: 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of the throughput check (default: 3)")
+    parser.add_argument("--dtype", default="auto", help="model dtype passed to vLLM (default: %(default)s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: tiny model, 2 documents x 2 questions x 1500 tokens"
+    )
+    parser.add_argument("--markdown", metavar="FILE", help="also write the report's tables to FILE")
+    parser.add_argument("--workdir", help="keep stores and engine logs here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    settings = Settings(
+        model=args.model,
+        size="tiny" if quick else "small",
+        docs=args.docs or (2 if quick else 3),
+        doc_tokens=args.doc_tokens or (1500 if quick else 8000),
+        questions=args.questions or (2 if quick else 3),
+        repeats=args.repeats or (2 if quick else 3),
+        dtype=args.dtype,
+        markdown=args.markdown,
+        workdir=args.workdir,
+    )
+    if quick:
+        settings.chunk_budget = 512
+        settings.tput_prompt_tokens = 500
+    if min(settings.docs, settings.questions, settings.repeats) < 1 or settings.doc_tokens < 2 * BLOCK_TOKENS:
+        parser.error(f"--docs, --questions and --repeats must be at least 1, --doc-tokens at least {2 * BLOCK_TOKENS}")
+    return settings
+
+
+# -- output ---------------------------------------------------------------------------------
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def seconds(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def mib(count: float | None) -> str:
+    return "n/a" if count is None else f"{count / MIB:.1f} MiB"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (``q`` in [0, 1])."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+# -- the machine ----------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gib() -> str:
+    try:
+        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB"
+    except (ValueError, OSError):
+        return "unknown"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def directory_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # a temporary file renamed meanwhile
+    return total
+
+
+# -- workload -------------------------------------------------------------------------------
+@dataclass
+class Prompt:
+    doc: int
+    question: int
+    tokens: list[int]
+
+
+@dataclass
+class Workload:
+    prompts: list[Prompt]  # document-major: every question of document 0, then document 1, ...
+    new_questions: list[Prompt]  # other questions about the same documents
+    chunked: list[int]  # one long prompt for the chunked-prefill run
+    throughput: list[list[list[int]]]  # per repeat, distinct prompts
+    kv_bytes_per_token: int
+    model_info: str
+
+
+def model_shape(path: str) -> tuple[int, str]:
+    """KV bytes per token and a one-line description, from the model's config.json."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config = config.get("text_config", config)
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    dtype_bytes = 4 if "32" in dtype else 2
+    per_token = layers * 2 * kv_heads * head_dim * dtype_bytes
+    info = (
+        f"{config.get('architectures', ['?'])[0]}, {layers} layers, {kv_heads} KV heads x {head_dim}, {dtype}: "
+        f"{per_token / 1024:.1f} KiB of KV per token"
+    )
+    return per_token, info
+
+
+def build_workload(settings: Settings, model: str) -> Workload:
+    import random
+
+    from models import corpus_words, make_text
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    words = corpus_words(0)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def document(rng: random.Random, count: int) -> list[int]:
+        # Every word is at least one token, so `count` words are enough.
+        return bos + tokens(make_text(rng, words, count))[: count - len(bos)]
+
+    def question(rng: random.Random, number: int) -> list[int]:
+        return tokens(f"\n\nQuestion {number}: {make_text(rng, words, settings.question_words)}?\nAnswer:")
+
+    rng = random.Random(1234)
+    docs = [document(rng, settings.doc_tokens) for _ in range(settings.docs)]
+    prompts = [
+        Prompt(d, q, doc + question(rng, q + 1)) for d, doc in enumerate(docs) for q in range(settings.questions)
+    ]
+    other = random.Random(5678)
+    new_questions = [
+        Prompt(d, settings.questions + q, doc + question(other, settings.questions + q + 1))
+        for d, doc in enumerate(docs)
+        for q in range(settings.questions)
+    ]
+    chunked = document(random.Random(91011), settings.doc_tokens) + question(rng, 1)
+    throughput = [
+        [
+            document(random.Random(1_000_000 * (r + 1) + i), settings.tput_prompt_tokens)
+            for i in range(settings.tput_prompts)
+        ]
+        for r in range(settings.repeats)
+    ]
+    per_token, info = model_shape(model)
+    return Workload(prompts, new_questions, chunked, throughput, per_token, info)
+
+
+def warmup_prompt(label: str, length: int = 200) -> list[int]:
+    """A short prompt unique to one process, so warming an engine up never hits or fills anything shared."""
+    import random
+
+    rng = random.Random(zlib.crc32(label.encode()))
+    return [rng.randrange(10, 1000) for _ in range(length)]
+
+
+# -- engine processes -----------------------------------------------------------------------
+@dataclass
+class EngineSpec:
+    label: str
+    model: str
+    connector: str | None  # None, "ucm" or "example"
+    store: str | None
+    kv_cache_bytes: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    dtype: str
+    log: str
+
+
+def _engine_process(conn: Any, log_path: str) -> None:
+    """Child process: imports vLLM at once, then runs one engine for the parent (vLLM's output goes to a log)."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    for key, value in ENGINE_ENV.items():
+        os.environ[key] = value
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    engine = None
+    while True:
+        try:
+            command, args = conn.recv()
+        except EOFError:
+            return
+        if command == "exit":
+            return
+        try:
+            started = time.perf_counter()
+            if command == "import":
+                # The slow part of starting an engine, done while nothing is measured.
+                import vllm.config  # noqa: F401
+                import vllm.entrypoints.llm  # noqa: F401
+
+                result: Any = {"import_s": time.perf_counter() - started}
+            elif command == "start":
+                spec = args[0]
+                os.rename(log_path, spec.log)
+                engine = _Engine(spec)
+                result = {"startup_s": time.perf_counter() - started}
+            else:
+                result = getattr(engine, command)(conn, *args)
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+            return
+        conn.send(("ok", result))
+        if command == "shutdown":
+            return
+
+
+class _Engine:
+    """The child's side: the engine and the measurements taken in its process."""
+
+    def __init__(self, spec: EngineSpec):
+        from vllm import LLM
+        from vllm.config import KVTransferConfig
+
+        self.spec = spec
+        self.files_read = 0
+        self.bytes_read = 0
+        transfer = None
+        if spec.connector == "ucm":
+            transfer = KVTransferConfig(
+                kv_connector="UcmConnector",
+                kv_role="kv_both",
+                kv_load_failure_policy="recompute",
+                kv_connector_extra_config={"store_config": {"root": spec.store}},
+            )
+        elif spec.connector == "example":
+            transfer = KVTransferConfig(
+                kv_connector="ExampleConnector",
+                kv_role="kv_both",
+                kv_connector_extra_config={"shared_storage_path": spec.store},
+            )
+            self._count_example_reads()
+        self.llm = LLM(
+            spec.model,
+            distributed_executor_backend="uni",
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            disable_log_stats=False,
+            kv_cache_memory_bytes=spec.kv_cache_bytes,
+            max_model_len=spec.max_model_len,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
+            dtype=spec.dtype,
+            seed=0,
+            kv_transfer_config=transfer,
+        )
+        self._generate([warmup_prompt(spec.label)], 2)
+
+    def _count_example_reads(self) -> None:
+        # ExampleConnector reads one safetensors file per layer and hit request; count what it reads.
+        import safetensors.torch
+
+        load_file = safetensors.torch.load_file
+
+        def counting_load_file(filename: str, *args: Any, **kwargs: Any) -> Any:
+            self.files_read += 1
+            self.bytes_read += os.path.getsize(filename)
+            return load_file(filename, *args, **kwargs)
+
+        safetensors.torch.load_file = counting_load_file
+
+    def _generate(self, prompts: list[list[int]], max_tokens: int) -> list[Any]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
+        return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    @staticmethod
+    def _first(output: Any) -> tuple[int, float]:
+        completion = output.outputs[0]
+        token = completion.token_ids[0]
+        return token, completion.logprobs[0][token].logprob
+
+    def ttft(self, conn: Any, prompts: list[list[int]], repeat: bool) -> list[dict[str, Any]]:
+        """Per prompt, the wall time of a one-token generation (and of its repeat, with ``repeat``)."""
+        results = []
+        for i, prompt in enumerate(prompts):
+            row: dict[str, Any] = {}
+            for key in ("", "floor_") if repeat else ("",):
+                started = time.perf_counter()
+                output = self._generate([prompt], 1)[0]
+                row[key + "ttft"] = time.perf_counter() - started
+                row[key + "token"], row[key + "logprob"] = self._first(output)
+            results.append(row)
+            floor = f", again {row['floor_ttft']:.3f} s" if repeat else ""
+            conn.send(("progress", f"prompt {i + 1}/{len(prompts)}: {row['ttft']:.3f} s{floor}"))
+        return results
+
+    def generate(self, conn: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        outputs = self._generate(prompts, max_tokens)
+        elapsed = time.perf_counter() - started
+        return {
+            "seconds": elapsed,
+            "prompt_tokens": sum(len(p) for p in prompts),
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        }
+
+    def counters(self, conn: Any) -> dict[str, float]:
+        totals: dict[str, float] = {"example_files_read": self.files_read, "example_bytes_read": self.bytes_read}
+        for metric in self.llm.get_metrics():
+            if type(metric).__name__ == "Counter":
+                totals[metric.name] = totals.get(metric.name, 0) + metric.value
+        return totals
+
+    def shutdown(self, conn: Any) -> dict[str, float]:
+        # Shutting the engine down shuts the connector down, which finishes its saves.
+        started = time.perf_counter()
+        self.llm.llm_engine.engine_core.shutdown()
+        return {"shutdown_s": time.perf_counter() - started}
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+class EngineProcess:
+    """The parent's handle on one engine process."""
+
+    def __init__(self, log_path: str):
+        context = multiprocessing.get_context("spawn")
+        self.label = os.path.basename(log_path)
+        self.log = log_path
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_engine_process, args=(child, log_path), daemon=True)
+        self.process.start()
+        child.close()
+        self._pending: str | None = None
+        self.send("import")
+
+    def send(self, command: str, *args: Any) -> None:
+        self.conn.send((command, args))
+        self._pending = command
+
+    def reply(self) -> Any:
+        what, self._pending = self._pending, None
+        deadline = time.monotonic() + COMMAND_TIMEOUT_S
+        while True:
+            try:
+                message = self.conn.recv() if self.conn.poll(1.0) else None
+            except (EOFError, OSError):
+                message = ("error", f"the engine process exited (code {self.process.exitcode})")
+            if message is None:
+                if time.monotonic() > deadline:
+                    message = ("error", f"no answer to {what!r} within {COMMAND_TIMEOUT_S:.0f} s")
+                elif self.process.is_alive():
+                    continue
+                else:
+                    message = ("error", f"the engine process exited (code {self.process.exitcode})")
+            kind, payload = message
+            if kind == "progress":
+                progress(f"  {self.label}: {payload}")
+            elif kind == "ok":
+                return payload
+            else:
+                self.kill()
+                raise EngineFailed(f"{self.label}: {what} failed: {_last_error(payload)} (log: {self.log})")
+
+    def wait_imported(self) -> None:
+        if self._pending == "import":
+            self.reply()
+
+    def start(self, spec: EngineSpec) -> None:
+        """Build the engine (answer with ``reply``)."""
+        self.label, self.log = spec.label, spec.log
+        self.send("start", spec)
+
+    def call(self, command: str, *args: Any) -> Any:
+        self.send(command, *args)
+        return self.reply()
+
+    def close(self) -> dict[str, float]:
+        """Shut the engine down (its connector finishes its saves); the process exits on its own."""
+        return self.call("shutdown")
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+
+    def wait_exit(self, timeout: float = 60.0) -> None:
+        self.process.join(timeout)
+        self.kill()
+
+
+class EnginePool:
+    """Starts engine processes with vLLM already imported: the next one imports while the current one starts.
+
+    Nothing else runs while an engine is measured: a spare has finished importing before then, and idles.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self._count = 0
+        self._spare: EngineProcess | None = None
+        self._exiting: list[EngineProcess] = []  # shut down, exiting while the next engine starts
+
+    def _spawn(self) -> EngineProcess:
+        self._count += 1
+        return EngineProcess(os.path.join(self.workdir, f"engine-{self._count}.log"))
+
+    def prepare(self) -> None:
+        if self._spare is None:
+            self._spare = self._spawn()
+
+    def start(self, spec: EngineSpec, prepare_next: bool = True) -> tuple[EngineProcess, float]:
+        """An engine process for ``spec``, ready to be measured, and its start-up time (without the import)."""
+        engine = self._spare or self._spawn()
+        self._spare = None
+        try:
+            engine.wait_imported()
+            engine.start(spec)
+            if prepare_next:
+                self.prepare()
+            startup = engine.reply()["startup_s"]
+        except EngineFailed:
+            engine.kill()
+            raise
+        if self._spare is not None:
+            try:
+                self._spare.wait_imported()
+            except EngineFailed as exc:
+                progress(f"a spare engine process failed to import vLLM: {exc}")
+                self._spare = None
+        while self._exiting:
+            self._exiting.pop().wait_exit()
+        return engine, startup
+
+    def close_engine(self, engine: EngineProcess) -> dict[str, float]:
+        try:
+            return engine.close()
+        finally:
+            self._exiting.append(engine)
+
+    def close(self) -> None:
+        if self._spare is not None:
+            self._spare.send("exit")
+            self._exiting.append(self._spare)
+            self._spare = None
+        while self._exiting:
+            self._exiting.pop().wait_exit()
+
+
+def _last_error(text: str) -> str:
+    """The last line of a traceback (the exception), or the text itself."""
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
+# -- phases ---------------------------------------------------------------------------------
+@dataclass
+class Pass:
+    """One pass of prompts through one engine process."""
+
+    label: str
+    connector: str | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)
+    startup_s: float = math.nan
+    shutdown_s: float = math.nan
+    stored_bytes: int | None = None
+    load_average: float = math.nan  # 1-minute load average at the end of the pass
+    error: str | None = None
+
+    def ttfts(self, key: str = "ttft", only: Sequence[int] | None = None) -> list[float]:
+        return [row[key] for i, row in enumerate(self.rows) if only is None or i in only]
+
+    def counter(self, name: str) -> float:
+        return self.counters.get(name, 0)
+
+    @property
+    def hit_rate(self) -> float:
+        queries = self.counter("vllm:external_prefix_cache_queries")
+        return self.counter("vllm:external_prefix_cache_hits") / queries if queries else math.nan
+
+    @property
+    def loaded_bytes(self) -> float | None:
+        if self.error:
+            return None
+        if self.connector == "ucm":
+            return self.counter("vllm:ucm_loaded_bytes")
+        if self.connector == "example":
+            return self.counter("example_bytes_read")
+        return 0
+
+
+class Bench:
+    def __init__(self, settings: Settings, model: str, workload: Workload, pool: EnginePool):
+        self.settings = settings
+        self.model = model
+        self.workload = workload
+        self.pool = pool
+        self.workdir = pool.workdir
+        longest = max(len(p.tokens) for p in workload.prompts + workload.new_questions)
+        longest = max(longest, len(workload.chunked))
+        self.max_model_len = longest + 64
+        self.failures: list[str] = []
+
+    def kv_cache_bytes(self, prompts: Sequence[list[int]]) -> int:
+        """Room for every prompt's KV at once (shared prefixes counted once), the warm-up, and 25% spare."""
+        seen = set()
+        for prompt in prompts:
+            chain = 0
+            for start in range(0, len(prompt) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+                chain = hash((chain, tuple(prompt[start : start + BLOCK_TOKENS])))
+                seen.add(chain)
+        blocks = len(seen) + 2 * len(prompts) + 4  # + each prompt's partial block and output, + the warm-up
+        blocks = max(blocks, self.max_model_len // BLOCK_TOKENS + 2)
+        return int(blocks * BLOCK_TOKENS * self.workload.kv_bytes_per_token * 1.25)
+
+    def spec(self, label: str, connector: str | None, store: str | None, kv_bytes: int, batched: int) -> EngineSpec:
+        return EngineSpec(
+            label=label,
+            model=self.model,
+            connector=connector,
+            store=store,
+            kv_cache_bytes=kv_bytes,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=batched,
+            dtype=self.settings.dtype,
+            log=os.path.join(self.workdir, f"{label}.log"),
+        )
+
+    def store(self, name: str) -> str:
+        path = os.path.join(self.workdir, name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        return path
+
+    def run_pass(
+        self,
+        label: str,
+        connector: str | None,
+        store: str | None,
+        prompts: Sequence[list[int]],
+        *,
+        repeat: bool = False,
+        batched: int | None = None,
+        check_tokens: int = 0,
+        last: bool = False,
+    ) -> Pass:
+        """Start a fresh engine process, time ``prompts`` one at a time, read its counters and shut it down."""
+        result = Pass(label, connector)
+        kv_bytes = self.kv_cache_bytes(prompts)
+        spec = self.spec(label, connector, store, kv_bytes, batched or max(self.max_model_len, 4096))
+        progress(f"{label}: starting an engine ({kv_bytes / MIB:.0f} MiB KV cache)")
+        engine = None
+        try:
+            engine, result.startup_s = self.pool.start(spec, prepare_next=not last)
+            progress(f"{label}: engine up in {result.startup_s:.1f} s; {len(prompts)} prompt(s), one at a time")
+            before = engine.call("counters")
+            result.rows = engine.call("ttft", list(prompts), repeat)
+            if check_tokens:
+                result.rows[0]["check"] = engine.call("generate", list(prompts[:1]), check_tokens)["token_ids"][0]
+            after = engine.call("counters")
+            result.load_average = os.getloadavg()[0]
+            result.counters = {key: value - before.get(key, 0) for key, value in after.items()}
+            result.shutdown_s = self.pool.close_engine(engine)["shutdown_s"]
+        except EngineFailed as exc:
+            result.error = str(exc)
+            self.failures.append(str(exc))
+            progress(f"{label}: FAILED: {exc}")
+            if engine is not None:
+                engine.kill()
+            return result
+        if store is not None:
+            result.stored_bytes = directory_bytes(store)
+        ttfts = result.ttfts()
+        progress(f"{label}: done, TTFT mean {mean(ttfts):.3f} s, external hit rate {percent(result.hit_rate)}")
+        return result
+
+    def throughput(self) -> dict[str, list[dict[str, Any]]]:
+        """Interleaved repeats of one batch of distinct prompts: no connector, UCM, no connector, UCM, ..."""
+        batches = self.workload.throughput
+        kv_bytes = self.kv_cache_bytes([p for batch in batches for p in batch])
+        batched = max(self.max_model_len, 4096)
+        results: dict[str, list[dict[str, Any]]] = {"none": [], "ucm": []}
+        engines: dict[str, EngineProcess] = {}
+        try:
+            for way, connector, store in (("none", None, None), ("ucm", "ucm", self.store("store-throughput"))):
+                label = f"throughput-{way}"
+                progress(f"{label}: starting an engine")
+                engines[way] = self.pool.start(self.spec(label, connector, store, kv_bytes, batched))[0]
+            for r, batch in enumerate(batches):
+                for way, engine in engines.items():
+                    run = engine.call("generate", batch, self.settings.tput_max_tokens)
+                    run["tokens_per_s"] = (run["prompt_tokens"] + run["output_tokens"]) / run["seconds"]
+                    results[way].append(run)
+                    progress(
+                        f"throughput-{way}: repeat {r + 1}/{len(batches)}: {run['seconds']:.2f} s, "
+                        f"{run['tokens_per_s']:.0f} tokens/s"
+                    )
+            for way in list(engines):
+                self.pool.close_engine(engines.pop(way))
+        except EngineFailed as exc:
+            self.failures.append(str(exc))
+            progress(f"throughput: FAILED: {exc}")
+        finally:
+            for engine in engines.values():
+                engine.kill()
+        return results
+
+
+# -- report ---------------------------------------------------------------------------------
+def report(settings: Settings, bench: Bench, passes: dict[str, Pass], tput: dict[str, list[dict[str, Any]]]) -> str:
+    workload = bench.workload
+    prompts = workload.prompts
+    first_sight = [i for i, p in enumerate(prompts) if p.question == 0]
+    none, ucm_cold, ucm_warm = passes["none"], passes["ucm-cold"], passes["ucm-warm"]
+    ex_cold, ex_warm, ucm_new = passes["example-cold"], passes["example-warm"], passes["ucm-new-questions"]
+
+    def stat_row(way: str, what: str, p: Pass, key: str = "ttft") -> list[Any]:
+        if p.error:
+            return [way, what, "failed", "", "", "", "", ""]
+        values = p.ttfts(key)
+        hit = percent(p.hit_rate) if key == "ttft" and p.connector else ""
+        stored = mib(p.stored_bytes) if p.stored_bytes is not None else ""
+        return [
+            way,
+            what,
+            seconds(mean(values)),
+            seconds(percentile(values, 0.5)),
+            seconds(percentile(values, 0.9)),
+            hit,
+            mib(p.loaded_bytes) if key == "ttft" and p.connector else "",
+            stored,
+        ]
+
+    header = ["way", "pass", "TTFT mean (s)", "p50 (s)", "p90 (s)", "external hit rate", "loaded", "stored"]
+    rows = [
+        stat_row("no connector", "cold", none),
+        stat_row("no connector", "FLOOR: repeat, in vLLM's prefix cache", none, "floor_ttft"),
+        stat_row("UcmConnector", "cold (empty store)", ucm_cold),
+        stat_row("UcmConnector", "warm (fresh process, same prompts)", ucm_warm),
+        stat_row("UcmConnector", "warm, new questions on the same documents", ucm_new),
+        stat_row("ExampleConnector", "cold (empty store)", ex_cold),
+        stat_row("ExampleConnector", "warm (fresh process, same prompts)", ex_warm),
+    ]
+    out = [
+        f"### TTFT per request ({len(prompts)} prompts of {min(len(p.tokens) for p in prompts)}-"
+        f"{max(len(p.tokens) for p in prompts)} tokens, one at a time)",
+        "",
+        table(header, rows),
+        "",
+    ]
+
+    # Overhead over the floor, per prompt, for all prompts and for the first sight of each document.
+    def overhead(warm: Pass, only: Sequence[int] | None = None) -> float:
+        if warm.error or none.error:
+            return math.nan
+        indices = only if only is not None else range(len(prompts))
+        return mean([warm.rows[i]["ttft"] - none.rows[i]["floor_ttft"] for i in indices])
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 and not math.isnan(a) else math.nan
+
+    over = {name: (overhead(p), overhead(p, first_sight)) for name, p in (("ucm", ucm_warm), ("example", ex_warm))}
+    floor_first = mean([none.rows[i]["floor_ttft"] for i in first_sight]) if not none.error else math.nan
+    cold_first = mean([none.rows[i]["ttft"] for i in first_sight]) if not none.error else math.nan
+
+    def first(p: Pass) -> str:
+        return seconds(mean(p.ttfts(only=first_sight))) if not p.error else "failed"
+
+    out += [
+        "### Connector overhead = warm TTFT - FLOOR (mean over prompts)",
+        "",
+        table(
+            ["", "all prompts (s)", "first sight of each document (s)", "warm TTFT, first sight (s)"],
+            [
+                ["UcmConnector", seconds(over["ucm"][0]), seconds(over["ucm"][1]), first(ucm_warm)],
+                ["ExampleConnector", seconds(over["example"][0]), seconds(over["example"][1]), first(ex_warm)],
+                [
+                    "ratio UCM / Example",
+                    f"{ratio(*[over[n][0] for n in over]):.2f}x",
+                    f"{ratio(*[over[n][1] for n in over]):.2f}x",
+                    "",
+                ],
+                [
+                    "for scale: FLOOR / no-connector cold TTFT",
+                    seconds(mean(none.ttfts("floor_ttft")) if not none.error else math.nan),
+                    seconds(floor_first),
+                    seconds(cold_first),
+                ],
+            ],
+        ),
+        "",
+    ]
+
+    # Outputs: first token and its logprob against the no-connector cold pass.
+    def same(p: Pass) -> str:
+        if p.error or none.error:
+            return "n/a"
+        pairs = zip(p.rows, none.rows, strict=True)
+        equal = sum(a["token"] == b["token"] and a["logprob"] == b["logprob"] for a, b in pairs)
+        return f"{equal}/{len(p.rows)}"
+
+    checks: list[list[str]] = []
+    ratio_all = ratio(over["ucm"][0], over["example"][0])
+    checks.append(
+        [
+            "UCM overhead / ExampleConnector overhead (warm - floor, all prompts)",
+            f"{ratio_all:.2f}x",
+            f"<= {TARGET_OVERHEAD_RATIO}x",
+            verdict(ratio_all <= TARGET_OVERHEAD_RATIO, ratio_all),
+        ]
+    )
+    cold_cost = (
+        ratio(mean(ucm_cold.ttfts()), mean(none.ttfts())) - 1 if not (ucm_cold.error or none.error) else math.nan
+    )
+    checks.append(
+        [
+            "UCM cold TTFT over no-connector TTFT (mean, all prompts)",
+            f"{100 * cold_cost:+.1f}%",
+            f"<= +{100 * TARGET_COLD_COST:.0f}%",
+            verdict(cold_cost <= TARGET_COLD_COST, cold_cost),
+        ]
+    )
+    tput_none = mean([run["tokens_per_s"] for run in tput.get("none", [])])
+    tput_ucm = mean([run["tokens_per_s"] for run in tput.get("ucm", [])])
+    tput_change = ratio(tput_ucm, tput_none) - 1
+    checks.append(
+        [
+            "throughput without reuse, UCM vs no connector",
+            f"{100 * tput_change:+.1f}%",
+            f"within {100 * TARGET_THROUGHPUT_LOSS:.0f}%",
+            verdict(abs(tput_change) <= TARGET_THROUGHPUT_LOSS, tput_change),
+        ]
+    )
+    checks.append(
+        [
+            "first token and logprob equal to no-connector cold: UCM cold / warm / new questions",
+            f"{same(ucm_cold)} / {same(ucm_warm)} / n/a",
+            "all",
+            "",
+        ]
+    )
+    checks.append(
+        [
+            "first token and logprob equal to no-connector cold: Example cold / warm",
+            f"{same(ex_cold)} / {same(ex_warm)}",
+            "all",
+            "",
+        ]
+    )
+    out += ["### Targets", "", table(["check", "measured", "target", "verdict"], checks), ""]
+
+    # Cold-pass details.
+    out += [
+        "### Cold pass and process costs",
+        "",
+        table(
+            ["pass", "TTFT mean (s)", "vs no connector", "engine start (s)", "shutdown, incl. pending saves (s)"],
+            [
+                [
+                    p.label,
+                    seconds(mean(p.ttfts())) if not p.error else "failed",
+                    f"{100 * (ratio(mean(p.ttfts()), mean(none.ttfts())) - 1):+.1f}%"
+                    if not (p.error or none.error)
+                    else "",
+                    seconds(p.startup_s),
+                    seconds(p.shutdown_s),
+                ]
+                for p in (none, ucm_cold, ucm_warm, ucm_new, ex_cold, ex_warm)
+            ],
+        ),
+        "",
+    ]
+
+    # Throughput.
+    rows = []
+    for way, name in (("none", "no connector"), ("ucm", "UcmConnector")):
+        runs = tput.get(way, [])
+        rows.append(
+            [
+                name,
+                len(runs),
+                f"{tput_none if way == 'none' else tput_ucm:.0f}" if runs else "failed",
+                " / ".join(f"{run['tokens_per_s']:.0f}" for run in runs),
+                f"{mean([run['output_tokens'] / run['seconds'] for run in runs]):.1f}" if runs else "",
+            ]
+        )
+    out += [
+        f"### Throughput without reuse ({settings.tput_prompts} distinct prompts x {settings.tput_prompt_tokens} "
+        f"tokens, max_tokens {settings.tput_max_tokens}, one generate call, repeats interleaved)",
+        "",
+        table(["way", "repeats", "tokens/s (prompt + output), mean", "per repeat", "output tokens/s"], rows),
+        "",
+    ]
+
+    # Chunked prefill.
+    rows = []
+    for name, cold, warm in (
+        ("UcmConnector", passes["chunked-ucm-cold"], passes["chunked-ucm-warm"]),
+        ("ExampleConnector", passes["chunked-example-cold"], passes["chunked-example-warm"]),
+    ):
+        if cold.error or warm.error:
+            outcome = "FAILED: " + (cold.error or warm.error or "")
+        else:
+            match = cold.rows[0]["check"] == warm.rows[0]["check"]
+            outcome = "works, warm output equals cold" if match else "WRONG OUTPUT: warm tokens differ from cold"
+        rows.append(
+            [
+                name,
+                seconds(cold.rows[0]["ttft"]) if cold.rows else "failed",
+                seconds(warm.rows[0]["ttft"]) if warm.rows else "failed",
+                percent(warm.hit_rate) if warm.rows else "",
+                mib(warm.loaded_bytes) if warm.rows else "",
+                outcome,
+            ]
+        )
+    out += [
+        f"### Chunked prefill ({len(workload.chunked)}-token prompt, max_num_batched_tokens {settings.chunk_budget})",
+        "",
+        table(["way", "cold TTFT (s)", "warm TTFT (s)", "warm hit rate", "loaded", "outcome"], rows),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def verdict(ok: bool, value: float) -> str:
+    return "n/a" if math.isnan(value) else ("met" if ok else "MISSED")
+
+
+# -- main -----------------------------------------------------------------------------------
+def prepare_model(settings: Settings) -> tuple[str, str]:
+    if settings.model:
+        return settings.model, settings.model
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import models
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(cache, "ucm", "bench-models", settings.size)
+    progress(f"building the '{settings.size}' random-weight model (skipped when already built) in {path}")
+    # The tokenizer trainer writes progress to file descriptor 1; keep stdout for the report.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        models.build(path, settings.size)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return path, f"'{settings.size}' random-weight model ({path})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    header = [
+        "# UCM connector benchmark: long-document QA on vLLM",
+        "",
+        f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, {memory_gib()} RAM, {platform.system()} "
+        f"{platform.machine()}; load average at start: {load_average()}",
+        f"- software: vllm-cpu {version('vllm-cpu')}, torch {version('torch')}, ucm-store {version('ucm-store')}, "
+        f"ucm-connector-vllm {version('ucm-connector-vllm')}, Python {platform.python_version()}",
+    ]
+    print("\n".join(header), flush=True)
+
+    workdir = settings.workdir or tempfile.mkdtemp(prefix="ucm-connector-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    pool = EnginePool(workdir)
+    pool.prepare()  # imports vLLM while the model is built
+    try:
+        return run(settings, header, pool)
+    finally:
+        pool.close()
+
+
+def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
+    workdir = pool.workdir
+    model, model_name = prepare_model(settings)
+    progress("tokenizing the workload")
+    workload = build_workload(settings, model)
+    print(
+        f"- model: {model_name}: {workload.model_info}\n"
+        f"- workload: {settings.docs} documents x {settings.doc_tokens} tokens, {settings.questions} questions each; "
+        f"prompt = document + question; TTFT = wall time of generate(max_tokens=1), one request at a time\n"
+        f"- engines: one per process (uni executor), eager mode, prefix caching on, block size 128 (CPU default), "
+        f"stores in a local directory (reads come from the OS page cache)",
+        flush=True,
+    )
+    if not settings.model:
+        print(
+            "- note: the model's weights are random, so the text it writes is meaningless; prefill cost, KV sizes, "
+            "timings and cache behaviour are real",
+            flush=True,
+        )
+    print(flush=True)
+
+    bench = Bench(settings, model, workload, pool)
+    prompts = [p.tokens for p in workload.prompts]
+    passes: dict[str, Pass] = {}
+    passes["none"] = bench.run_pass("none", None, None, prompts, repeat=True)
+    ucm = bench.store("store-ucm")
+    passes["ucm-cold"] = bench.run_pass("ucm-cold", "ucm", ucm, prompts)
+    passes["ucm-warm"] = bench.run_pass("ucm-warm", "ucm", ucm, prompts)
+    new = [p.tokens for p in workload.new_questions]
+    passes["ucm-new-questions"] = bench.run_pass("ucm-new-questions", "ucm", ucm, new)
+    example = bench.store("store-example")
+    passes["example-cold"] = bench.run_pass("example-cold", "example", example, prompts)
+    passes["example-warm"] = bench.run_pass("example-warm", "example", example, prompts)
+    for store in (ucm, example):
+        shutil.rmtree(store, ignore_errors=True)
+
+    tput = bench.throughput()
+
+    chunk_kwargs = {"batched": settings.chunk_budget, "check_tokens": settings.max_tokens_check}
+    for way in ("ucm", "example"):
+        store = bench.store(f"store-chunked-{way}")
+        for phase in ("cold", "warm"):
+            label = f"chunked-{way}-{phase}"
+            last = label == "chunked-example-warm"
+            passes[label] = bench.run_pass(label, way, store, [workload.chunked], **chunk_kwargs, last=last)
+        shutil.rmtree(store, ignore_errors=True)
+
+    tables = report(settings, bench, passes, tput)
+    print(tables)
+    print(f"\nload average at the end: {load_average()}; total time {time.perf_counter() - _START:.0f} s")
+    if bench.failures:
+        print("\nfailures (engine logs are kept in " + workdir + "):")
+        for failure in bench.failures:
+            print(f"- {failure}")
+    elif not settings.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if settings.markdown:
+        with open(settings.markdown, "w") as f:
+            f.write("\n".join(header) + "\n\n" + tables + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

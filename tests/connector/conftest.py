@@ -1,0 +1,147 @@
+"""Fixtures of the connector tests: a tiny model and three child processes of vLLM engines.
+
+The engines are grouped by what they need so that each child process pays vLLM's import once:
+
+- ``first_run``: engines that need no store written before them: the baselines (no connector),
+  the cold engines that fill the stores, a producer, a consumer on an empty store, and engines
+  whose configuration must be refused.
+- ``second_run``: fresh engines reading what ``first_run`` wrote (warm engines, a second producer,
+  a consumer), and engines reading damaged copies of the producer's store.
+- ``module_path_run``: an engine that finds the connector by module path, with the plug-in off.
+
+Helpers that tests import live in ``connectortest.py``; ``engine_run.py`` is the child process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+# The test modules import connectortest and engine_run from here, whatever pytest's import mode;
+# benchmarks/models.py builds the model.
+for path in (HERE, HERE.parents[1] / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from engine_run import ENGINE_ENV  # noqa: E402
+
+# The engine processes inherit these; vLLM is never imported in the test process itself.
+for _key, _value in ENGINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+import connectortest as ct  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "vllm: tests of the vLLM connector; engine tests run vLLM in child processes (about 2 minutes)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.vllm)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from models import build
+
+    return build(str(tmp_path_factory.mktemp("tiny-model")), "tiny")
+
+
+#: Stores that ``second_run`` damages before its engines read them.
+DAMAGED = ["corrupt-half", "corrupt-half-sync", "corrupt-all", "unreadable"]
+DAMAGED += ["truncated-race", "deleted-race", "wiped-half"]
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    """Store roots by name; each starts absent (the store creates it)."""
+    base = tmp_path_factory.mktemp("stores")
+    names = ["s32", "s128", "chunk32-by-block128", "producer", "empty", "module-path"]
+    names += DAMAGED + ["sync"]
+    return {name: base / name for name in names}
+
+
+#: Phases of the block-32 engines; the cold engine asks one question about DOC, warm engines another.
+COLD32_PHASES = [
+    ct.phase("short", ct.SHORT),
+    ct.phase("single", ct.SINGLE),
+    ct.phase("doc", [ct.DOC_QUESTION]),
+    ct.phase("concurrent", ct.CONCURRENT),
+    ct.phase("long", ct.LONG),
+]
+WARM32_PHASES = [p if p["name"] != "doc" else ct.phase("doc", [ct.DOC_OTHER_QUESTION]) for p in COLD32_PHASES]
+BLOCK128_PHASES = [ct.phase("single", ct.SINGLE), ct.phase("concurrent", ct.CONCURRENT)]
+SINGLE_PHASE = [ct.phase("single", ct.SINGLE)]
+
+
+@pytest.fixture(scope="session")
+def first_run(tiny_model, stores, tmp_path_factory) -> dict[str, dict]:
+    m = tiny_model
+    base32_phases = COLD32_PHASES[:2] + [ct.phase("doc", [ct.DOC_QUESTION, ct.DOC_OTHER_QUESTION])] + COLD32_PHASES[3:]
+    specs = [
+        ct.engine("base32", m, 32, base32_phases),
+        ct.engine("base128", m, 128, BLOCK128_PHASES),
+        ct.engine("cold32", m, 32, COLD32_PHASES, stores["s32"]),
+        ct.engine("cold128", m, 128, BLOCK128_PHASES, stores["s128"]),
+        ct.engine("cold128-chunk32", m, 128, SINGLE_PHASE, stores["chunk32-by-block128"], chunk_tokens=32),
+        ct.engine("producer", m, 32, SINGLE_PHASE, stores["producer"], role="kv_producer"),
+        ct.engine("consumer-empty", m, 32, SINGLE_PHASE, stores["empty"], role="kv_consumer"),
+        ct.engine("unknown-key", m, 32, [], stores["empty"], chunk_token=32, expect_error=True),
+        ct.engine("chunk-not-dividing", m, 32, [], stores["empty"], chunk_tokens=24, expect_error=True),
+    ]
+    return ct.run_engines(specs, tmp_path_factory.mktemp("first-run"))
+
+
+@pytest.fixture(scope="session")
+def second_run(tiny_model, stores, first_run, tmp_path_factory) -> dict[str, dict]:
+    m = tiny_model
+    # Copies of the producer's store, which holds exactly the chunks of SINGLE, most of them damaged.
+    for name in DAMAGED + ["sync"]:
+        shutil.copytree(stores["producer"], stores[name])
+    for name in ("corrupt-half", "corrupt-half-sync"):
+        for path in ct.block_files(stores[name])[::2]:
+            ct.corrupt(path)
+    for path in ct.block_files(stores["corrupt-all"]):
+        ct.corrupt(path)
+    for path in ct.block_files(stores["wiped-half"])[::2]:
+        path.unlink()
+    for path in ct.block_files(stores["unreadable"]):
+        # Found by a lookup, but every read fails with an I/O error (EISDIR), which the store keeps
+        # (it may be transient) where it removes a file it finds damaged.
+        path.unlink()
+        path.mkdir()
+    specs = [
+        ct.engine("warm32", m, 32, WARM32_PHASES, stores["s32"]),
+        ct.engine("warm128", m, 128, BLOCK128_PHASES, stores["s128"]),
+        ct.engine("warm32-chunk32", m, 32, SINGLE_PHASE, stores["chunk32-by-block128"], chunk_tokens=32),
+        ct.engine("producer-again", m, 32, SINGLE_PHASE, stores["producer"], role="kv_producer"),
+        ct.engine("consumer", m, 32, SINGLE_PHASE, stores["producer"], role="kv_consumer"),
+        ct.engine("sync", m, 32, SINGLE_PHASE, stores["sync"], load_async=False),
+        ct.engine("corrupt-half", m, 32, SINGLE_PHASE, stores["corrupt-half"]),
+        ct.engine("corrupt-half-sync", m, 32, SINGLE_PHASE, stores["corrupt-half-sync"], load_async=False),
+        ct.engine("corrupt-all", m, 32, SINGLE_PHASE, stores["corrupt-all"]),
+        ct.engine("unreadable", m, 32, SINGLE_PHASE, stores["unreadable"]),
+        ct.engine("truncated-race", m, 32, SINGLE_PHASE, stores["truncated-race"], sabotage="truncate"),
+        ct.engine("deleted-race", m, 32, SINGLE_PHASE, stores["deleted-race"], sabotage="delete"),
+        ct.engine("wiped-half", m, 32, SINGLE_PHASE, stores["wiped-half"]),
+    ]
+    return ct.run_engines(specs, tmp_path_factory.mktemp("second-run"))
+
+
+@pytest.fixture(scope="session")
+def module_path_run(tiny_model, stores, first_run, tmp_path_factory) -> dict[str, dict]:
+    root = stores["module-path"]
+    shutil.copytree(stores["producer"], root)
+    spec = ct.engine("module-path", tiny_model, 32, SINGLE_PHASE, root, module_path="ucm.connector.vllm")
+    # Only vLLM's own plug-ins: "UcmConnector" is not registered, so only the module path can find it.
+    env = {"VLLM_PLUGINS": "lora_filesystem_resolver"}
+    return ct.run_engines([spec], tmp_path_factory.mktemp("module-path-run"), env=env)

@@ -1,0 +1,26 @@
+"""How the connector is found and how a wrong setting is reported."""
+
+from __future__ import annotations
+
+from connectortest import HITS, SINGLE, EngineResult, assert_same_outputs, loadable
+
+
+def test_unknown_extra_config_key_is_named(first_run):
+    error = first_run["unknown-key"]["error"]
+    assert error is not None, "an engine with an unknown kv_connector_extra_config key started"
+    assert "'chunk_token'" in error
+    assert "chunk_tokens" in error  # the key it was probably meant to be
+
+
+def test_chunk_tokens_must_divide_the_block_size(first_run):
+    error = first_run["chunk-not-dividing"]["error"]
+    assert error is not None, "an engine with chunk_tokens 24 and block size 32 started"
+    assert "chunk_tokens" in error and "24" in error and "32" in error
+
+
+def test_connector_found_by_module_path(first_run, module_path_run):
+    result = module_path_run["module-path"]
+    run = EngineResult(result)
+    assert result["registered_by_plugin"] is False
+    assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
+    assert run.metric("single", HITS) == sum(loadable(p, 32) for p in SINGLE) > 0
