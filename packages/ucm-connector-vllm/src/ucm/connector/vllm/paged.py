@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+
 from ucm.store.transfer import PagedGeometry, gather_chunks, scatter_chunks
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
