@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -171,16 +173,6 @@ def mean(values: Sequence[float]) -> float:
 
 
 # -- the machine ----------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def memory_gib() -> str:

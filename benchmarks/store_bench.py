@@ -42,6 +42,7 @@ from functools import partial
 from importlib import metadata
 
 import numpy as np
+from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 try:
     from ucm.store import KVStore, open_store
@@ -124,16 +125,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # -- the machine ----------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def meminfo_bytes(key: str) -> int:
