@@ -28,25 +28,16 @@ def test_corrupted_blocks_are_recomputed(first_run, second_run, engine):
     assert run.metric("single", LOADED) + run.metric("single", LOAD_FAILURES) == FULL_HIT // 32
 
 
-def test_every_block_corrupted(first_run, second_run):
-    run = EngineResult(second_run["corrupt-all"])
-    assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
-    assert run.metric("single", HITS) == FULL_HIT
-    assert run.metric("single", LOADED) == 0
-    assert run.metric("single", LOAD_FAILURES) == FULL_HIT // 32
-
-
-def test_unreadable_blocks_are_recomputed_once(first_run, second_run):
-    """Blocks a lookup finds but no read returns (an I/O error the store does not act on)."""
-    run = EngineResult(second_run["unreadable"])
-    assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
-    assert run.metric("single", HITS) == FULL_HIT
-    assert run.metric("single", LOADED) == 0
-    assert run.metric("single", LOAD_FAILURES) == FULL_HIT // 32
-
-
-def test_blocks_truncated_between_lookup_and_load(first_run, second_run):
-    run = EngineResult(second_run["truncated-race"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "corrupt-all",  # every block file damaged
+        "unreadable",  # a lookup finds the blocks but no read returns (an I/O error the store does not act on)
+        "truncated-race",  # blocks truncated between lookup and load
+    ],
+)
+def test_blocks_that_never_load_are_recomputed_once(first_run, second_run, scenario):
+    run = EngineResult(second_run[scenario])
     assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
     assert run.metric("single", HITS) == FULL_HIT
     assert run.metric("single", LOADED) == 0
