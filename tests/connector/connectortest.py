@@ -153,6 +153,14 @@ def assert_same_outputs(run: EngineResult, baseline: EngineResult, phase_name: s
         assert output == want[prompt], f"{len(prompt)}-token prompt of phase {phase_name}: output differs from baseline"
 
 
+def assert_loaded_every_full_chunk(run: EngineResult, phase_name: str, prompts, chunk: int) -> None:
+    """Each prompt got every full chunk from the store but the one holding its last token."""
+    expected = [loadable(p, chunk) for p in prompts]
+    assert run.cached(phase_name) == expected
+    assert run.metric(phase_name, HITS) == sum(expected) > 0
+    assert run.metric(phase_name, LOADED) == sum(expected) // chunk
+
+
 def loadable(prompt: list[int], chunk: int) -> int:
     """Tokens a warm engine loads for ``prompt``: every full chunk, but the last token is always computed."""
     return (len(prompt) - 1) // chunk * chunk

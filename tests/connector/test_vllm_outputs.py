@@ -16,6 +16,7 @@ from connectortest import (
     SHORT,
     SINGLE,
     EngineResult,
+    assert_loaded_every_full_chunk,
     assert_same_outputs,
     distinct_chunks,
     loadable,
@@ -38,10 +39,7 @@ def test_fresh_engine_loads_every_full_chunk_but_the_last_token(first_run, secon
     assert_same_outputs(warm, base, "single")
 
     assert cold.metric("single", HITS) == 0
-    expected = [loadable(p, block) for p in SINGLE]
-    assert warm.cached("single") == expected
-    assert warm.metric("single", HITS) == sum(expected) > 0
-    assert warm.metric("single", LOADED) == sum(expected) // block
+    assert_loaded_every_full_chunk(warm, "single", SINGLE, block)
     assert warm.metric("single", LOAD_FAILURES) == 0
     # The lookup found every full chunk, the ones it leaves to compute included.
     assert warm.metric("single", LOOKUP_HITS) == sum(len(p) // block for p in SINGLE)
@@ -51,10 +49,7 @@ def test_synchronous_loads(first_run, second_run):
     """``load_async: false``: the load finishes before the request's first forward pass."""
     run = EngineResult(second_run["sync"])
     assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
-    expected = [loadable(p, 32) for p in SINGLE]
-    assert run.cached("single") == expected
-    assert run.metric("single", HITS) == sum(expected)
-    assert run.metric("single", LOADED) == sum(expected) // 32
+    assert_loaded_every_full_chunk(run, "single", SINGLE, 32)
 
 
 @pytest.mark.parametrize("block", [32, 128])
@@ -122,7 +117,4 @@ def test_engines_with_different_block_sizes_share_chunks(first_run, second_run):
     assert_same_outputs(writer, EngineResult(first_run["base128"]), "single")
     assert_same_outputs(reader, EngineResult(first_run["base32"]), "single")
     assert writer.files_at_exit == distinct_chunks(SINGLE, 32)
-    expected = [loadable(p, 32) for p in SINGLE]
-    assert reader.cached("single") == expected
-    assert reader.metric("single", HITS) == sum(expected) > 0
-    assert reader.metric("single", LOADED) == sum(expected) // 32
+    assert_loaded_every_full_chunk(reader, "single", SINGLE, 32)

@@ -9,9 +9,9 @@ from connectortest import (
     SAVED,
     SINGLE,
     EngineResult,
+    assert_loaded_every_full_chunk,
     assert_same_outputs,
     distinct_chunks,
-    loadable,
 )
 
 
@@ -41,9 +41,6 @@ def test_consumer_on_an_empty_store_writes_nothing(first_run):
 def test_consumer_loads_what_a_producer_wrote(first_run, second_run):
     run = EngineResult(second_run["consumer"])
     assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
-    expected = [loadable(p, 32) for p in SINGLE]
-    assert run.cached("single") == expected
-    assert run.metric("single", HITS) == sum(expected)
-    assert run.metric("single", LOADED) == sum(expected) // 32
+    assert_loaded_every_full_chunk(run, "single", SINGLE, 32)
     assert run.metric("single", SAVED) == 0
     assert EngineResult(second_run["consumer"]).files_at_exit == distinct_chunks(SINGLE, 32)
