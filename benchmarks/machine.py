@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+from importlib import metadata
 
 
 def cpu_model() -> str:
@@ -15,3 +17,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def package_version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"

@@ -39,10 +39,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from importlib import metadata
 
 import numpy as np
-from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+from machine import cpu_model, load_average, package_version  # benchmarks/ is on sys.path when a script runs
 
 try:
     from ucm.store import KVStore, open_store
@@ -148,17 +147,6 @@ def filesystem_of(path: str) -> str:
             if inside and len(mount_point) > len(best_mount):
                 best_mount, best_type = mount_point, fs_type
     return best_type
-
-
-def load_average() -> str:
-    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def capped_total_bytes(requested: int, scratch: str, files_per_byte: int) -> tuple[int, str]:
