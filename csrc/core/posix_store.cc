@@ -25,7 +25,7 @@ namespace ucm {
 namespace {
 
 constexpr size_t kDirCount = 4096;         // blocks/<3 hex digits>/
-constexpr size_t kPieceBytes = 512 << 10;  // checksum each piece while it is still in the CPU cache
+constexpr size_t kPieceBytes = 256 << 10;  // checksum each piece while it is still in the CPU cache
 constexpr int64_t kTouchSeconds = 30;      // recency is refreshed at most this often per file
 constexpr size_t kMaxIov = 512;            // well under IOV_MAX
 constexpr size_t kDirectAlign = 4096;
