@@ -101,6 +101,7 @@ class Settings:
     dtype: str = "auto"
     markdown: str | None = None
     workdir: str | None = None
+    ucm_config: dict = field(default_factory=dict)  # extra kv_connector_extra_config keys for UcmConnector
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
@@ -116,6 +117,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     )
     parser.add_argument("--markdown", metavar="FILE", help="also write the report's tables to FILE")
     parser.add_argument("--workdir", help="keep stores and engine logs here (default: a temporary directory)")
+    parser.add_argument(
+        "--ucm-config",
+        type=json.loads,
+        default={},
+        help="more UcmConnector settings (kv_connector_extra_config keys), as JSON: '{\"load_async\": false}'",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     settings = Settings(
@@ -128,6 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         dtype=args.dtype,
         markdown=args.markdown,
         workdir=args.workdir,
+        ucm_config=args.ucm_config,
     )
     if quick:
         settings.chunk_budget = 512
@@ -312,6 +320,7 @@ class EngineSpec:
     max_num_batched_tokens: int
     dtype: str
     log: str
+    ucm_config: dict = field(default_factory=dict)
 
 
 def _engine_process(conn: Any, log_path: str) -> None:
@@ -393,7 +402,7 @@ class _Engine:
                 kv_connector="UcmConnector",
                 kv_role="kv_both",
                 kv_load_failure_policy="recompute",
-                kv_connector_extra_config={"store_config": {"root": spec.store}},
+                kv_connector_extra_config={"store_config": {"root": spec.store}, **spec.ucm_config},
             )
         elif spec.connector == "example":
             transfer = KVTransferConfig(
@@ -733,6 +742,7 @@ class Bench:
             max_num_batched_tokens=batched,
             dtype=self.settings.dtype,
             log=os.path.join(self.workdir, f"{label}.log"),
+            ucm_config=self.settings.ucm_config,
         )
 
     def store(self, name: str) -> str:
@@ -1185,6 +1195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f", Python {platform.python_version()}; "
         f"source {source_revision()}",
     ]
+    if settings.ucm_config:
+        header.append(f"- UcmConnector settings beyond the defaults: {json.dumps(settings.ucm_config)}")
     print("\n".join(header), flush=True)
 
     workdir = settings.workdir or tempfile.mkdtemp(prefix="ucm-connector-bench-")

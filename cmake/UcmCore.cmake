@@ -19,6 +19,11 @@ if(NOT UCM_WITH_CUDA STREQUAL "OFF")
     check_language(CUDA)
     if(CMAKE_CUDA_COMPILER)
         set(UCM_HAVE_CUDA ON)
+        if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+            # Ampere and Hopper machine code, plus Hopper PTX that newer GPUs compile at load time.
+            set(CMAKE_CUDA_ARCHITECTURES "80-real;90")
+        endif()
+        enable_language(CUDA)
     elseif(UCM_WITH_CUDA STREQUAL "ON")
         message(FATAL_ERROR "UCM_WITH_CUDA=ON but no CUDA compiler was found. Install the CUDA toolkit and put "
                             "nvcc on PATH (or set CMAKE_CUDA_COMPILER), or configure with -DUCM_WITH_CUDA=OFF.")

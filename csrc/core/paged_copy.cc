@@ -1,9 +1,72 @@
 #include "paged_copy.h"
 
 #include <cstring>
+#include <stdexcept>
+#include <string>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace ucm {
 namespace {
+
+#if defined(__SSE2__)
+// out row d = column d of the 8 x 8 block of 16-bit elements at in (rows `in_stride` apart).
+inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out, int64_t out_stride) {
+    __m128i r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
+    __m128i a[8];
+    for (int i = 0; i < 4; ++i) {
+        a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    // a[0] = (0,0)(1,0)(0,1)(1,1)..(1,3); a[1] the same for columns 4..7; a[2], a[3] rows 2 and 3; ...
+    __m128i b[8];
+    for (int half = 0; half < 2; ++half) {
+        for (int pair = 0; pair < 2; ++pair) {
+            __m128i x = a[4 * half + pair];
+            __m128i y = a[4 * half + pair + 2];
+            b[4 * half + 2 * pair] = _mm_unpacklo_epi32(x, y);
+            b[4 * half + 2 * pair + 1] = _mm_unpackhi_epi32(x, y);
+        }
+    }
+    // b[0] = rows 0..3 of columns 0, 1; b[1] columns 2, 3; b[2] columns 4, 5; b[3] columns 6, 7;
+    // b[4..7] the same for rows 4..7.
+    for (int i = 0; i < 4; ++i) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * i) * out_stride), _mm_unpacklo_epi64(b[i], b[4 + i]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * i + 1) * out_stride),
+                         _mm_unpackhi_epi64(b[i], b[4 + i]));
+    }
+}
+#endif
+
+// Transposed tiles of 16-bit elements (the common fp16/bf16 case) in 8 x 8 vector blocks;
+// returns false where that does not apply.
+template <typename T>
+bool copy_transposed_fast(bool to_staging, T* cache, int64_t dim_stride, T* tile, size_t tokens, size_t dims) {
+#if defined(__SSE2__)
+    if constexpr (sizeof(T) == 2) {
+        if (tokens % 8 != 0 || dims % 8 != 0) return false;
+        auto* c = reinterpret_cast<uint16_t*>(cache);
+        auto* s = reinterpret_cast<uint16_t*>(tile);
+        int64_t row = static_cast<int64_t>(dims);
+        // Walk the cache side row by row (one dim, all tokens) so its lines are written whole.
+        for (size_t d = 0; d < dims; d += 8) {
+            for (size_t t = 0; t < tokens; t += 8) {
+                if (to_staging) {
+                    transpose_8x8(c + d * dim_stride + t, dim_stride, s + t * dims + d, row);
+                } else {
+                    transpose_8x8(s + t * dims + d, row, c + d * dim_stride + t, dim_stride);
+                }
+            }
+        }
+        return true;
+    }
+#endif
+    (void)to_staging, (void)cache, (void)dim_stride, (void)tile, (void)tokens, (void)dims;
+    return false;
+}
 
 // Copies one [tokens][dims] tile between the cache (element strides per token and per dim) and
 // a contiguous staging tile. Specialised for rows that are contiguous in the cache (a memcpy
@@ -30,6 +93,7 @@ void copy_tile(bool to_staging, T* cache, int64_t token_stride, int64_t dim_stri
         }
         return;
     }
+    if (token_stride == 1 && copy_transposed_fast(to_staging, cache, dim_stride, tile, tokens, dims)) return;
     // Blocks of 16 x 16 keep both sides of the transpose within a few cache lines.
     constexpr size_t kBlock = 16;
     for (size_t t0 = 0; t0 < tokens; t0 += kBlock) {
@@ -46,6 +110,32 @@ void copy_tile(bool to_staging, T* cache, int64_t token_stride, int64_t dim_stri
                 }
             }
         }
+    }
+}
+
+// Tile `tile` of a chunk in the chunk format is head (tile % heads) of K (0) or V (1) of layer
+// tile / (2 * heads); this is where that tile of the chunk at (block, token_offset) lives.
+uint8_t* tile_in_cache(const std::vector<PagedLayer>& layers, const PagedGeometry& g, size_t tile, int64_t block,
+                       int64_t token_offset, const int64_t** strides) {
+    size_t head = tile % g.heads;
+    size_t kv = (tile / g.heads) % 2;
+    size_t layer = tile / g.heads / 2;
+    const int64_t* s = kv == 0 ? g.key_strides : g.value_strides;
+    *strides = s;
+    uint8_t* base = kv == 0 ? layers[layer].key : layers[layer].value;
+    int64_t element = block * s[0] + token_offset * s[2] + static_cast<int64_t>(head) * s[1];
+    return base + element * static_cast<int64_t>(g.elem_bytes);
+}
+
+template <typename T>
+void scatter_tiles(const std::vector<PagedLayer>& layers, const PagedGeometry& g, int64_t block, int64_t token_offset,
+                   size_t first_tile, size_t tiles, const uint8_t* data) {
+    size_t tile_elems = g.chunk_tokens * g.head_size;
+    for (size_t t = 0; t < tiles; ++t) {
+        const int64_t* s = nullptr;
+        T* cache = reinterpret_cast<T*>(tile_in_cache(layers, g, first_tile + t, block, token_offset, &s));
+        T* tile = const_cast<T*>(reinterpret_cast<const T*>(data)) + t * tile_elems;
+        copy_tile(false, cache, s[2], s[3], tile, g.chunk_tokens, g.head_size);
     }
 }
 
@@ -73,6 +163,38 @@ void copy_all(bool to_staging, const std::vector<PagedLayer>& layers, const Page
 }
 
 }  // namespace
+
+PagedScatter::PagedScatter(std::vector<PagedLayer> layers, const PagedGeometry& geometry, std::vector<int64_t> blocks,
+                           std::vector<int64_t> token_offsets)
+    : layers_(std::move(layers)),
+      geometry_(geometry),
+      blocks_(std::move(blocks)),
+      token_offsets_(std::move(token_offsets)),
+      tile_bytes_(geometry.chunk_tokens * geometry.head_size * geometry.elem_bytes) {
+    if (layers_.empty()) throw std::invalid_argument("need one key and one value per layer");
+    if (blocks_.size() != token_offsets_.size()) {
+        throw std::invalid_argument("blocks and token_offsets differ in length (" + std::to_string(blocks_.size()) +
+                                    " and " + std::to_string(token_offsets_.size()) + ")");
+    }
+    if (tile_bytes_ == 0 || geometry_.heads == 0) throw std::invalid_argument("empty chunk geometry");
+}
+
+void PagedScatter::consume(size_t item, size_t offset, const uint8_t* data, size_t size) {
+    size_t first = offset / tile_bytes_;
+    size_t tiles = size / tile_bytes_;
+    int64_t block = blocks_[item];
+    int64_t token_offset = token_offsets_[item];
+    switch (geometry_.elem_bytes) {
+        case 1:
+            return scatter_tiles<uint8_t>(layers_, geometry_, block, token_offset, first, tiles, data);
+        case 2:
+            return scatter_tiles<uint16_t>(layers_, geometry_, block, token_offset, first, tiles, data);
+        case 4:
+            return scatter_tiles<uint32_t>(layers_, geometry_, block, token_offset, first, tiles, data);
+        default:
+            return scatter_tiles<uint64_t>(layers_, geometry_, block, token_offset, first, tiles, data);
+    }
+}
 
 void copy_chunks(bool to_staging, const std::vector<PagedLayer>& layers, const PagedGeometry& geometry,
                  const std::vector<int64_t>& blocks, const std::vector<int64_t>& token_offsets, uint8_t* staging,

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "sink.h"
 #include "thread_pool.h"
 
 namespace ucm {
@@ -32,5 +33,27 @@ struct PagedGeometry {
 void copy_chunks(bool to_staging, const std::vector<PagedLayer>& layers, const PagedGeometry& geometry,
                  const std::vector<int64_t>& blocks, const std::vector<int64_t>& token_offsets, uint8_t* staging,
                  ThreadPool& pool);
+
+// Scatters loaded chunks straight into the cache, as a store's sink: item i is the chunk that
+// goes to tokens [token_offsets[i], + chunk_tokens) of block blocks[i]. Its bytes arrive in the
+// chunk format, one head's [chunk_tokens][head_size] tile (the granule) after another.
+class PagedScatter final : public ChunkSink {
+public:
+    // Throws std::invalid_argument when the geometry or the lists are inconsistent.
+    PagedScatter(std::vector<PagedLayer> layers, const PagedGeometry& geometry, std::vector<int64_t> blocks,
+                 std::vector<int64_t> token_offsets);
+
+    size_t granule() const override { return tile_bytes_; }
+    size_t chunk_bytes() const { return tile_bytes_ * geometry_.heads * 2 * layers_.size(); }
+    size_t count() const { return blocks_.size(); }
+    void consume(size_t item, size_t offset, const uint8_t* data, size_t size) override;
+
+private:
+    std::vector<PagedLayer> layers_;
+    PagedGeometry geometry_;
+    std::vector<int64_t> blocks_;
+    std::vector<int64_t> token_offsets_;
+    size_t tile_bytes_;
+};
 
 }  // namespace ucm

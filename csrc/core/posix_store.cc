@@ -20,6 +20,7 @@
 
 #include "block_format.h"
 #include "checksum.h"
+#include "sink.h"
 
 namespace ucm {
 namespace {
@@ -117,7 +118,8 @@ private:
     size_t within_ = 0;
 };
 
-// A per-thread buffer aligned for O_DIRECT, grown on demand and kept for the next transfer.
+// A per-thread buffer aligned for O_DIRECT (also the bounce buffer of loads into a sink), grown
+// on demand and kept for the next transfer.
 uint8_t* direct_staging(size_t bytes) {
     struct Staging {
         uint8_t* data = nullptr;
@@ -363,7 +365,12 @@ std::string PosixStore::load_one(const ShardIO& item) {
     std::string path = shard_path(item.id, item.shard);
     FdGuard fd{::openat(blocks_fd_, path.c_str(), flags)};
     if (fd.fd < 0) return errno == ENOENT ? "not found" : "cannot open: " + errno_text(errno);
-    std::string error = config_.direct_io ? read_shard_direct(fd.fd, item) : read_shard(fd.fd, item);
+    std::string error;
+    if (config_.direct_io) {
+        error = read_shard_direct(fd.fd, item);
+    } else {
+        error = item.sink != nullptr ? read_shard_to_sink(fd.fd, item) : read_shard(fd.fd, item);
+    }
     if (error.empty()) {
         touch(fd.fd);
     } else if (is_damage(error)) {
@@ -465,6 +472,38 @@ std::string PosixStore::read_shard(int fd, const ShardIO& item) {
     return verify(trailer, item, total, config_.num_shards, checksum.finish());
 }
 
+std::string PosixStore::read_shard_to_sink(int fd, const ShardIO& item) {
+    // Each piece goes through a per-thread buffer small enough to stay in the CPU cache: read
+    // into it, checksum it, hand it to the sink. The trailer comes with the last piece.
+    size_t total = item.sink_bytes;
+    size_t granule = item.sink->granule();
+    size_t piece = std::max(granule, kPieceBytes / granule * granule);
+    uint8_t* bounce = direct_staging(std::min(piece, total) + kTrailerBytes);
+    if (bounce == nullptr) return "out of memory for a read buffer";
+    uint8_t raw[kTrailerBytes];
+    Checksum checksum;
+    size_t offset = 0;
+    do {
+        size_t take = std::min(piece, total - offset);
+        bool last = offset + take == total;
+        size_t want = take + (last ? kTrailerBytes : 0);
+        ssize_t n = transfer_all(fd, {{bounce, want}}, static_cast<off_t>(offset), false);
+        if (n < 0) return "read failed: " + errno_text(static_cast<int>(-n));
+        if (static_cast<size_t>(n) != want) return explain_size_mismatch(fd, total);
+        checksum.update(bounce, take);
+        if (last) std::memcpy(raw, bounce + take, kTrailerBytes);
+        item.sink->consume(item.sink_item, offset, bounce, take);
+        offset += take;
+    } while (offset < total);
+    Trailer trailer;
+    std::string error = decode_trailer(raw, &trailer);
+    if (!error.empty()) {
+        std::string size_error = explain_size_mismatch(fd, total);
+        return size_error.rfind(kSizeMismatch, 0) == 0 ? size_error : error;
+    }
+    return verify(trailer, item, total, config_.num_shards, checksum.finish());
+}
+
 std::string PosixStore::read_shard_direct(int fd, const ShardIO& item) {
     size_t total = item.total_bytes();
     size_t file_bytes = align_up(total + kTrailerBytes, kDirectAlign);
@@ -478,6 +517,10 @@ std::string PosixStore::read_shard_direct(int fd, const ShardIO& item) {
     if (!error.empty()) return error;
     error = verify(trailer, item, total, config_.num_shards, Checksum::of(staging, total));
     if (!error.empty()) return error;
+    if (item.sink != nullptr) {
+        item.sink->consume(item.sink_item, 0, staging, total);
+        return {};
+    }
     size_t offset = 0;
     for (const Buffer& b : item.buffers) {
         std::memcpy(b.data, staging + offset, b.size);

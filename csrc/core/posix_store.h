@@ -59,6 +59,7 @@ private:
     std::string load_one(const ShardIO& item);
     std::string write_shard(int fd, const ShardIO& item);
     std::string read_shard(int fd, const ShardIO& item);
+    std::string read_shard_to_sink(int fd, const ShardIO& item);
     std::string read_shard_direct(int fd, const ShardIO& item);
     std::string explain_size_mismatch(int fd, size_t expected) const;
     void commit_marker_if_complete(const std::string& id);

@@ -143,6 +143,27 @@ std::vector<std::string> to_ids(const py::sequence& ids) {
     return out;
 }
 
+// shards[i] for each of `count` ids (all 0 when shards is None); raises ValueError naming a bad one.
+std::vector<uint32_t> to_shards(const py::object& shards, size_t count, uint32_t num_shards) {
+    std::vector<uint32_t> out(count, 0);
+    if (shards.is_none()) return out;
+    py::sequence list = shards.cast<py::sequence>();
+    if (py::len(list) != count) {
+        throw py::value_error("got " + std::to_string(count) + " ids but " + std::to_string(py::len(list)) +
+                              " shards");
+    }
+    for (size_t i = 0; i < count; ++i) {
+        py::handle shard = list[i];
+        long value = py::isinstance<py::int_>(shard) ? shard.cast<long>() : -1;
+        if (value < 0 || value >= static_cast<long>(num_shards)) {
+            throw py::value_error("shards[" + std::to_string(i) + "] = " + std::string(py::repr(shard)) +
+                                  " is outside 0.." + std::to_string(num_shards - 1) + " (num_shards)");
+        }
+        out[i] = static_cast<uint32_t>(value);
+    }
+    return out;
+}
+
 // Checks a whole batch and describes it as ShardIO items; raises ValueError/TypeError naming what is wrong.
 std::vector<ucm::ShardIO> to_items(const py::sequence& ids, const py::sequence& buffers, const py::object& shards,
                                    uint32_t num_shards, uint64_t shard_bytes, bool writable, Keepalive& keep) {
@@ -151,27 +172,12 @@ std::vector<ucm::ShardIO> to_items(const py::sequence& ids, const py::sequence& 
         throw py::value_error("got " + std::to_string(count) + " ids but " + std::to_string(py::len(buffers)) +
                               " buffers");
     }
-    std::optional<py::sequence> shard_list;
-    if (!shards.is_none()) {
-        shard_list = shards.cast<py::sequence>();
-        if (py::len(*shard_list) != count) {
-            throw py::value_error("got " + std::to_string(count) + " ids but " +
-                                  std::to_string(py::len(*shard_list)) + " shards");
-        }
-    }
+    std::vector<uint32_t> shard_of = to_shards(shards, count, num_shards);
     std::vector<ucm::ShardIO> items(count);
     for (size_t i = 0; i < count; ++i) {
         ucm::ShardIO& item = items[i];
         item.id = to_id(ids[i], i);
-        if (shard_list) {
-            py::handle shard = (*shard_list)[i];
-            long value = py::isinstance<py::int_>(shard) ? shard.cast<long>() : -1;
-            if (value < 0 || value >= static_cast<long>(num_shards)) {
-                throw py::value_error("shards[" + std::to_string(i) + "] = " + std::string(py::repr(shard)) +
-                                      " is outside 0.." + std::to_string(num_shards - 1) + " (num_shards)");
-            }
-            item.shard = static_cast<uint32_t>(value);
-        }
+        item.shard = shard_of[i];
         py::handle entry = buffers[i];
         bool is_pair = py::isinstance<py::tuple>(entry) && py::len(entry) == 2 &&
                        py::isinstance<py::int_>(py::reinterpret_borrow<py::tuple>(entry)[0]);
@@ -274,6 +280,37 @@ public:
         return PyTask(std::move(task), std::move(keep));
     }
 
+    // Loads item i of `sink` from block ids[i]; the sink stays referenced until the task is over.
+    PyTask load_into(const py::sequence& ids, const py::object& sink_object, const py::object& shards) {
+        auto& sink = sink_object.cast<ucm::PagedScatter&>();
+        size_t count = py::len(ids);
+        if (count != sink.count()) {
+            throw py::value_error("got " + std::to_string(count) + " ids but the target holds " +
+                                  std::to_string(sink.count()) + " chunks");
+        }
+        if (shard_bytes_ != 0 && sink.chunk_bytes() != shard_bytes_) {
+            throw py::value_error("the target's chunks hold " + std::to_string(sink.chunk_bytes()) +
+                                  " bytes but shard_bytes is " + std::to_string(shard_bytes_));
+        }
+        std::vector<uint32_t> shard_of = to_shards(shards, count, num_shards_);
+        std::vector<ucm::ShardIO> items(count);
+        for (size_t i = 0; i < count; ++i) {
+            items[i].id = to_id(ids[i], i);
+            items[i].shard = shard_of[i];
+            items[i].sink = &sink;
+            items[i].sink_item = i;
+            items[i].sink_bytes = sink.chunk_bytes();
+        }
+        auto keep = std::make_unique<Keepalive>();
+        keep->objects.push_back(sink_object);
+        ucm::TaskPtr task;
+        {
+            py::gil_scoped_release release;
+            task = store_->load(std::move(items));
+        }
+        return PyTask(std::move(task), std::move(keep));
+    }
+
     ucm::PosixStore& store() { return *store_; }
 
 private:
@@ -350,28 +387,59 @@ ucm::ThreadPool& copy_pool() {
     return pool;
 }
 
+// A paged cache as Python describes it (ucm.store.transfer.PagedGeometry), checked.
+struct PagedCache {
+    std::vector<ucm::PagedLayer> layers;
+    ucm::PagedGeometry geometry;
+};
+
+PagedCache to_paged_cache(const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
+                          const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
+                          size_t elem_bytes, size_t heads, size_t chunk_tokens, size_t head_size) {
+    if (keys.size() != values.size() || keys.empty()) throw py::value_error("need one key and one value per layer");
+    if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) {
+        throw py::value_error("elem_bytes must be 1, 2, 4 or 8, got " + std::to_string(elem_bytes));
+    }
+    if (heads == 0 || chunk_tokens == 0 || head_size == 0) {
+        throw py::value_error("heads, chunk_tokens and head_size must be positive");
+    }
+    PagedCache cache{{},
+                     {{key_strides[0], key_strides[1], key_strides[2], key_strides[3]},
+                      {value_strides[0], value_strides[1], value_strides[2], value_strides[3]},
+                      heads,
+                      chunk_tokens,
+                      head_size,
+                      elem_bytes}};
+    for (size_t i = 0; i < keys.size(); ++i) {
+        cache.layers.push_back({reinterpret_cast<uint8_t*>(keys[i]), reinterpret_cast<uint8_t*>(values[i])});
+    }
+    return cache;
+}
+
 void copy_chunks(bool to_staging, const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
                  const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
                  size_t elem_bytes, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets, size_t heads,
                  size_t chunk_tokens, size_t head_size, uintptr_t staging) {
-    if (keys.size() != values.size() || keys.empty()) throw py::value_error("need one key and one value per layer");
+    PagedCache cache =
+        to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
     if (blocks.size() != token_offsets.size()) throw py::value_error("blocks and token_offsets differ in length");
-    if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) {
-        throw py::value_error("elem_bytes must be 1, 2, 4 or 8, got " + std::to_string(elem_bytes));
-    }
-    std::vector<ucm::PagedLayer> layers;
-    for (size_t i = 0; i < keys.size(); ++i) {
-        layers.push_back({reinterpret_cast<uint8_t*>(keys[i]), reinterpret_cast<uint8_t*>(values[i])});
-    }
-    ucm::PagedGeometry geometry{{key_strides[0], key_strides[1], key_strides[2], key_strides[3]},
-                                {value_strides[0], value_strides[1], value_strides[2], value_strides[3]},
-                                heads,
-                                chunk_tokens,
-                                head_size,
-                                elem_bytes};
     py::gil_scoped_release release;
-    ucm::copy_chunks(to_staging, layers, geometry, blocks, token_offsets, reinterpret_cast<uint8_t*>(staging),
-                     copy_pool());
+    ucm::copy_chunks(to_staging, cache.layers, cache.geometry, blocks, token_offsets,
+                     reinterpret_cast<uint8_t*>(staging), copy_pool());
+}
+
+std::shared_ptr<ucm::PagedScatter> make_paged_scatter(
+    const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values, const std::array<int64_t, 4>& key_strides,
+    const std::array<int64_t, 4>& value_strides, size_t elem_bytes, size_t heads, size_t chunk_tokens,
+    size_t head_size, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets) {
+    PagedCache cache =
+        to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
+    try {
+        return std::make_shared<ucm::PagedScatter>(std::move(cache.layers), cache.geometry, std::move(blocks),
+                                                   std::move(token_offsets));
+    } catch (const std::invalid_argument& exc) {
+        throw py::value_error(exc.what());
+    }
 }
 
 }  // namespace
@@ -393,6 +461,7 @@ PYBIND11_MODULE(_native, m) {
                         const py::object& shards) { return s.transfer(ids, buffers, shards, false); })
         .def("load", [](PyPosixStore& s, const py::sequence& ids, const py::sequence& buffers,
                         const py::object& shards) { return s.transfer(ids, buffers, shards, true); })
+        .def("load_into", &PyPosixStore::load_into, py::arg("ids"), py::arg("sink"), py::arg("shards"))
         .def("prefetch",
              [](PyPosixStore& s, const py::sequence& ids) {
                  auto keys = to_ids(ids);
@@ -441,6 +510,13 @@ PYBIND11_MODULE(_native, m) {
              })
         .def("close", [](PyMemoryCache& s) { s.cache().close(); })
         .def("used_bytes", [](PyMemoryCache& s) { return s.cache().used_bytes(); });
+
+    py::class_<ucm::PagedScatter, std::shared_ptr<ucm::PagedScatter>>(m, "PagedScatter")
+        .def(py::init(&make_paged_scatter), py::arg("keys"), py::arg("values"), py::arg("key_strides"),
+             py::arg("value_strides"), py::arg("elem_bytes"), py::arg("heads"), py::arg("chunk_tokens"),
+             py::arg("head_size"), py::arg("blocks"), py::arg("token_offsets"))
+        .def_property_readonly("chunk_bytes", &ucm::PagedScatter::chunk_bytes)
+        .def("__len__", &ucm::PagedScatter::count);
 
     m.def("copy_chunks", &copy_chunks, py::arg("to_staging"), py::arg("keys"), py::arg("values"),
           py::arg("key_strides"), py::arg("value_strides"), py::arg("elem_bytes"), py::arg("blocks"),

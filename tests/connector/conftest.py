@@ -58,7 +58,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 #: Stores that ``second_run`` damages before its engines read them.
 DAMAGED = ["corrupt-half", "corrupt-half-sync", "corrupt-all", "unreadable"]
-DAMAGED += ["truncated-race", "deleted-race", "wiped-half"]
+DAMAGED += ["truncated-race", "deleted-race", "wiped-half", "corrupt-half-staged"]
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     """Store roots by name; each starts absent (the store creates it)."""
     base = tmp_path_factory.mktemp("stores")
     names = ["s32", "s128", "chunk32-by-block128", "producer", "empty", "module-path"]
-    names += DAMAGED + ["sync"]
+    names += DAMAGED + ["sync", "staged"]
     return {name: base / name for name in names}
 
 
@@ -105,9 +105,9 @@ def first_run(tiny_model, stores, tmp_path_factory) -> dict[str, dict]:
 def second_run(tiny_model, stores, first_run, tmp_path_factory) -> dict[str, dict]:
     m = tiny_model
     # Copies of the producer's store, which holds exactly the chunks of SINGLE, most of them damaged.
-    for name in DAMAGED + ["sync"]:
+    for name in DAMAGED + ["sync", "staged"]:
         shutil.copytree(stores["producer"], stores[name])
-    for name in ("corrupt-half", "corrupt-half-sync"):
+    for name in ("corrupt-half", "corrupt-half-sync", "corrupt-half-staged"):
         for path in ct.block_files(stores[name])[::2]:
             ct.corrupt(path)
     for path in ct.block_files(stores["corrupt-all"]):
@@ -126,6 +126,16 @@ def second_run(tiny_model, stores, first_run, tmp_path_factory) -> dict[str, dic
         ct.engine("producer-again", m, 32, SINGLE_PHASE, stores["producer"], role="kv_producer"),
         ct.engine("consumer", m, 32, SINGLE_PHASE, stores["producer"], role="kv_consumer"),
         ct.engine("sync", m, 32, SINGLE_PHASE, stores["sync"], load_async=False),
+        # A memory tier in front of posix: loads go through a staging buffer, not straight into the cache.
+        ct.engine("staged", m, 32, SINGLE_PHASE, stores["staged"], **ct.memory_in_front(stores["staged"])),
+        ct.engine(
+            "corrupt-half-staged",
+            m,
+            32,
+            SINGLE_PHASE,
+            stores["corrupt-half-staged"],
+            **ct.memory_in_front(stores["corrupt-half-staged"]),
+        ),
         ct.engine("corrupt-half", m, 32, SINGLE_PHASE, stores["corrupt-half"]),
         ct.engine("corrupt-half-sync", m, 32, SINGLE_PHASE, stores["corrupt-half-sync"], load_async=False),
         ct.engine("corrupt-all", m, 32, SINGLE_PHASE, stores["corrupt-all"]),

@@ -78,6 +78,12 @@ def engine(
     return spec
 
 
+def memory_in_front(root: Path) -> dict:
+    """Connector settings for a ``memory`` store over a ``posix`` one at ``root``."""
+    backend = {"name": "posix", "config": {"root": str(root)}}
+    return {"store": "memory", "store_config": {"capacity_bytes": 1 << 30, "backend": backend}}
+
+
 def run_engines(specs: list[dict], workdir: Path, env: dict[str, str] | None = None) -> dict[str, dict]:
     """Run ``specs`` one after another in a child process; results by engine name.
 

@@ -77,3 +77,23 @@ def test_chunk_buffers_cover_the_staging_tensor_in_store_order():
 def test_chunk_size_must_divide_the_block():
     with pytest.raises(ValueError, match="chunk_tokens 24 must divide"):
         PagedKV({"l.0.a": torch.zeros(LAYOUTS["cpu"][0])}, "cpu", 24)
+
+
+def test_staging_buffers_are_reused_for_any_smaller_count_and_bounded():
+    from ucm.connector.vllm.paged import StagingPool
+
+    paged = PagedKV({f"model.layers.{i}.attn": torch.zeros(LAYOUTS["cpu"][0]) for i in range(2)}, "cpu", TOKENS)
+    pool = StagingPool(paged, keep=2)
+    big, big_buffer = pool.take(5)
+    assert big.shape == paged.staging_shape(5) and big.dtype == paged.dtype
+    pool.give(big_buffer)
+    small, small_buffer = pool.take(3)
+    assert small.shape == paged.staging_shape(3)
+    assert small_buffer.data_ptr() == big_buffer.data_ptr(), "a buffer large enough was not reused"
+    # A larger request than any idle buffer gets a new one.
+    larger, larger_buffer = pool.take(8)
+    assert larger_buffer.data_ptr() != big_buffer.data_ptr()
+    for buffer in (small_buffer, larger_buffer, pool.take(1)[1], pool.take(1)[1]):
+        pool.give(buffer)
+    # Only the two largest idle buffers are kept.
+    assert pool.idle_bytes == (8 + 5) * paged.chunk_bytes

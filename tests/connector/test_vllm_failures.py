@@ -17,7 +17,7 @@ from connectortest import (
 FULL_HIT = sum(loadable(p, 32) for p in SINGLE)
 
 
-@pytest.mark.parametrize("engine", ["corrupt-half", "corrupt-half-sync"])
+@pytest.mark.parametrize("engine", ["corrupt-half", "corrupt-half-sync", "corrupt-half-staged"])
 def test_corrupted_blocks_are_recomputed(first_run, second_run, engine):
     """A flipped byte in every other block file: those chunks fail their checksum, the rest load."""
     run = EngineResult(second_run[engine])

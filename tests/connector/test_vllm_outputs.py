@@ -52,6 +52,13 @@ def test_synchronous_loads(first_run, second_run):
     assert_loaded_every_full_chunk(run, "single", SINGLE, 32)
 
 
+def test_loads_through_a_staging_buffer(first_run, second_run):
+    """A store that cannot load straight into the cache (a memory tier over posix) gets a staging buffer."""
+    run = EngineResult(second_run["staged"])
+    assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
+    assert_loaded_every_full_chunk(run, "single", SINGLE, 32)
+
+
 @pytest.mark.parametrize("block", [32, 128])
 def test_cold_engine_stores_every_full_chunk_once(first_run, block):
     cold = EngineResult(first_run[f"cold{block}"])

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -292,3 +293,14 @@ for start in range(0, count, 8):
 store.wait(pending[0])
 print("done", flush=True)
 """
+
+
+def supports_o_direct(directory: Path) -> bool:
+    probe = directory / f".odirect-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True

@@ -27,6 +27,7 @@ from storetest import (
     make_entries,
     run_child,
     start_child,
+    supports_o_direct,
     temp_files,
 )
 
@@ -52,17 +53,6 @@ def test_new_store_on_the_same_root_sees_every_committed_block(open_test_store, 
 
 
 # -- damaged block files -------------------------------------------------------------------------
-
-
-def supports_o_direct(directory: Path) -> bool:
-    probe = directory / f".odirect-{uuid.uuid4().hex}"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    probe.unlink()
-    return True
 
 
 def flip_byte(path: Path, offset: int) -> None:

@@ -156,6 +156,20 @@ class KVStore(abc.ABC):
         fails; the task's error names it. Buffers of failed blocks hold unspecified bytes.
         """
 
+    #: True when :meth:`load_into` is implemented.
+    can_load_into: bool = False
+
+    def load_into(self, ids: Sequence[bytes], target: Any, shards: Sequence[int] | None = None) -> Any:
+        """Start reading shard ``shards[i]`` of block ``ids[i]`` straight into chunk i of ``target``.
+
+        ``target`` comes from :func:`ucm.store.transfer.paged_target`: a paged cache and where
+        each chunk goes in it. Returns a task, as :meth:`load` does. The bytes of a failed chunk
+        reach the cache before the failure is known; the caller must recompute what that chunk
+        covers. Stores without this (``can_load_into`` false) are loaded into staging buffers
+        and scattered with :func:`ucm.store.transfer.scatter_chunks`.
+        """
+        raise NotImplementedError(f"store {type(self).__name__} cannot load straight into a paged cache")
+
     @abc.abstractmethod
     def wait(self, task: Any) -> None:
         """Block until ``task`` has finished; raise :class:`StoreError` listing the failed ids."""

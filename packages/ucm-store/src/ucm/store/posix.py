@@ -65,6 +65,11 @@ class PosixStore(KVStore):
     def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
         return NativeTask("load", self._native.load(ids, buffers, shards))
 
+    can_load_into = True
+
+    def load_into(self, ids: Sequence[bytes], target: Any, shards: Sequence[int] | None = None) -> NativeTask:
+        return NativeTask("load", self._native.load_into(ids, target, shards))
+
     def wait(self, task: NativeTask) -> None:
         raise_failures(task.op, task.failures())
 

@@ -6,6 +6,16 @@ format ``[layers][2: K, V][chunks][heads][chunk_tokens][head_size]`` (docs/forma
 runs in native threads with the GIL released, converting the page layout (strides, including a
 transposed K) in the same pass. Addresses and strides are plain integers, so no tensor library is
 needed here.
+
+Caches in CUDA memory (``PagedGeometry.device == "cuda"``) go through the CUDA transfer path
+(``csrc/cuda``, built when CMake finds a CUDA toolkit): one kernel per call moves every chunk of a
+layer range between the device pages and pinned host memory, reading or writing the host side
+directly over the bus, on a stream the caller chooses.
+
+Stores that can (``KVStore.can_load_into``) also load straight into a host cache: a
+:func:`paged_target` lists where each chunk goes, and ``store.load_into(ids, target)`` reads each
+chunk in small pieces and scatters every piece while it is still in the CPU cache, with no
+staging buffer at all.
 """
 
 from __future__ import annotations
@@ -21,16 +31,86 @@ class PagedGeometry:
     """Where one engine's paged cache lives and how its pages are laid out."""
 
     keys: Sequence[int]  # per layer: address of K[0, 0, 0, 0]
-    values: Sequence[int]  # per layer: address of V[0, 0, 0, 0]
+    values: Sequence[int]  # per layer: address of V[0, 0, 0, 0]; empty for a single-plane (MLA) cache, CUDA only
     key_strides: tuple[int, int, int, int]  # element strides of K: block, head, token, dim
     value_strides: tuple[int, int, int, int]
     elem_bytes: int
     heads: int
     head_size: int
     chunk_tokens: int
+    device: str = "cpu"  # "cpu", or "cuda" for a cache in the current CUDA device's memory
+
+
+def cuda_available() -> bool:
+    """True when this build has the CUDA transfer path and a CUDA device is visible."""
+    try:
+        from ucm.store import _cuda
+    except ImportError:
+        return False
+    return _cuda.device_count() > 0
+
+
+def _cuda_module():
+    try:
+        from ucm.store import _cuda
+    except ImportError:
+        raise RuntimeError(
+            "this ucm-store was built without the CUDA transfer path (no CUDA toolkit was found when it was "
+            "built); reinstall it with nvcc on PATH, or with -Ccmake.define.UCM_WITH_CUDA=ON to require it"
+        ) from None
+    return _cuda
+
+
+def copy_chunks_cuda(
+    to_host: bool,
+    geometry: PagedGeometry,
+    blocks: Sequence[int],
+    token_offsets: Sequence[int],
+    host: int,
+    *,
+    layers: tuple[int, int] | None = None,
+    stream: int = 0,
+    max_blocks: int = 0,
+) -> None:
+    """Enqueue chunks between a cache in CUDA memory and pinned host memory at ``host``; return at once.
+
+    ``host`` holds ``[layers][planes][chunks][heads][chunk_tokens][head_size]`` for every layer;
+    ``layers=(begin, end)`` moves only that range (its slice of ``host``), for layer-by-layer
+    transfers. The copy runs on ``stream`` (a ``cudaStream_t`` as an integer, such as
+    ``torch.cuda.Stream().cuda_stream``) after the work already queued there; synchronise the
+    stream (or an event recorded after it) before reading ``host`` or the cache. ``max_blocks``
+    caps the thread blocks it occupies (0: as many as fill the GPU), to leave room for compute.
+    """
+    begin, end = layers if layers is not None else (0, len(geometry.keys))
+    _cuda_module().copy_chunks(
+        to_host,
+        list(geometry.keys),
+        list(geometry.values),
+        geometry.key_strides,
+        geometry.value_strides,
+        geometry.elem_bytes,
+        list(blocks),
+        list(token_offsets),
+        geometry.heads,
+        geometry.chunk_tokens,
+        geometry.head_size,
+        host,
+        begin,
+        end,
+        stream,
+        max_blocks,
+    )
 
 
 def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, staging: int) -> None:
+    if geometry.device == "cuda":
+        # Synchronous, like the host path: enqueue on the default stream and wait for it.
+        cuda = _cuda_module()
+        copy_chunks_cuda(to_staging, geometry, blocks, token_offsets, staging)
+        cuda.synchronize(0)
+        return
+    if geometry.device != "cpu":
+        raise ValueError(f"no transfer path for device {geometry.device!r} (have 'cpu' and 'cuda')")
     _native.copy_chunks(
         to_staging,
         list(geometry.keys),
@@ -55,3 +135,26 @@ def gather_chunks(geometry: PagedGeometry, blocks: Sequence[int], token_offsets:
 def scatter_chunks(geometry: PagedGeometry, blocks: Sequence[int], token_offsets: Sequence[int], staging: int) -> None:
     """Copy the chunks in ``staging`` into the cache; the inverse of :func:`gather_chunks`."""
     _copy(False, geometry, blocks, token_offsets, staging)
+
+
+def paged_target(geometry: PagedGeometry, blocks: Sequence[int], token_offsets: Sequence[int]) -> _native.PagedScatter:
+    """Where ``store.load_into`` puts chunk i: tokens ``token_offsets[i]`` on of cache block ``blocks[i]``.
+
+    ``len(target)`` is the number of chunks and ``target.chunk_bytes`` the stored size of each.
+    Host caches only: a CUDA cache is loaded into pinned staging and copied with
+    :func:`copy_chunks_cuda`.
+    """
+    if geometry.device != "cpu":
+        raise ValueError(f"load_into needs a cache in host memory, not on {geometry.device!r}")
+    return _native.PagedScatter(
+        list(geometry.keys),
+        list(geometry.values),
+        geometry.key_strides,
+        geometry.value_strides,
+        geometry.elem_bytes,
+        geometry.heads,
+        geometry.chunk_tokens,
+        geometry.head_size,
+        list(blocks),
+        list(token_offsets),
+    )

@@ -4,10 +4,12 @@ Scheduler side: computes chunk keys for each new prompt, asks the store how many
 it holds beyond vLLM's own prefix hit, and plans per step which chunks to load (external hits)
 and which to save (chunks that became fully computed this step).
 
-Worker side: loads run in the store's native threads while the engine keeps stepping; the chunks
-are copied into the paged cache once the task has finished and the request is then reported
-ready. Saves copy the step's new chunks out of the paged cache at the end of the step (the only
-thing the forward pass waits for) and write them in the background.
+Worker side: loads run in the store's native threads while the engine keeps stepping. A store
+that can (``posix``) reads each chunk in small pieces and scatters them straight into the paged
+cache; with any other store the chunks land in a staging buffer and are scattered once the task
+has finished. The request is reported ready when its load is over. Saves copy the step's new
+chunks out of the paged cache at the end of the step (the only thing the forward pass waits for)
+and write them in the background.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from ucm.connector.vllm import keys as chunk_keys
 from ucm.connector.vllm.config import ConnectorConfig
 from ucm.connector.vllm.metrics import UcmConnectorStats, UcmPromMetrics
-from ucm.connector.vllm.paged import PagedKV
+from ucm.connector.vllm.paged import PagedKV, StagingPool
 from ucm.store import StoreError, open_store
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -77,12 +79,14 @@ class _RequestState:
 
 @dataclass
 class _Transfer:
-    """A store task in flight on the worker, with the staging memory it reads or fills."""
+    """A store task in flight on the worker, with the staging memory it reads or fills (if any)."""
 
     job: ChunkJob
     task: Any
-    staging: torch.Tensor
     started: float
+    staging: torch.Tensor | None = None  # None: the store loads straight into the cache
+    buffer: torch.Tensor | None = None  # the pool buffer under ``staging``
+    copied: Any = None  # CUDA caches: the event after the device copy into ``staging`` (saves)
 
 
 class UcmConnector(KVConnectorBase_V1):
@@ -123,7 +127,9 @@ class UcmConnector(KVConnectorBase_V1):
         self._finished_loads: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._idle_step = False
-        self._staging_free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._staging: StagingPool | None = None
+        self._copy_stream = None  # CUDA caches: the side stream of the copies out of the cache
+        self._copying: deque[_Transfer] = deque()  # CUDA saves whose copy out may still run
 
     # ==== shared ===========================================================================
     def _namespace_fields(self, vllm_config: VllmConfig) -> dict[str, Any]:
@@ -184,6 +190,8 @@ class UcmConnector(KVConnectorBase_V1):
         return UcmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        if self._copying:
+            self._dump_copied(block=True)
         for transfer in list(self._saves) + list(self._loads):
             try:
                 self.store.wait(transfer.task)
@@ -308,26 +316,31 @@ class UcmConnector(KVConnectorBase_V1):
         if layout == "cpu":
             _refuse_packed_cpu_layout(next(iter(kv_caches.values())), self.block_tokens)
         self._paged = PagedKV(kv_caches, layout, self.chunk_tokens)
+        self._staging = StagingPool(self._paged)
+        if self._paged.on_cuda:
+            self._copy_stream = torch.cuda.Stream(device=self._paged.device)
         if self.tp_size > 1:
             from vllm.distributed import get_tensor_model_parallel_rank
 
             self._shard = get_tensor_model_parallel_rank()
 
-    def _staging(self, count: int) -> torch.Tensor:
-        shape = self._paged.staging_shape(count)
-        free = self._staging_free.get(shape)
-        return free.pop() if free else torch.empty(shape, dtype=self._paged.dtype)
-
-    def _release(self, staging: torch.Tensor) -> None:
-        self._staging_free.setdefault(tuple(staging.shape), []).append(staging)
-
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._idle_step = forward_context is None or forward_context.attn_metadata is None
+        if self._copying:
+            # Blocks still being copied out may be freed and reused by this step: its compute waits
+            # for those copies on the device (the host does not wait).
+            torch.cuda.current_stream(self._paged.device).wait_event(self._copying[-1].copied)
         meta = self._get_connector_metadata()
         for job in meta.loads:
-            staging = self._staging(len(job.keys))
-            task = self.store.load(job.keys, self._paged.chunk_buffers(staging), [self._shard] * len(job.keys))
-            self._loads.append(_Transfer(job, task, staging, time.perf_counter()))
+            shards = [self._shard] * len(job.keys)
+            started = time.perf_counter()
+            if self.store.can_load_into and not self._paged.on_cuda:
+                task = self.store.load_into(job.keys, self._paged.target(job.block_ids, job.chunk_in_block), shards)
+                self._loads.append(_Transfer(job, task, started))
+                continue
+            staging, buffer = self._staging.take(len(job.keys))
+            task = self.store.load(job.keys, self._paged.chunk_buffers(staging), shards)
+            self._loads.append(_Transfer(job, task, started, staging, buffer))
         if not self.config.load_async:
             while self._loads:  # a synchronous load is not reported as a finished receive
                 self._finish_load(self._loads.popleft(), report=False)
@@ -342,13 +355,35 @@ class UcmConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata():
             return
         for job in self._get_connector_metadata().saves:
-            staging = self._staging(len(job.keys))
+            started = time.perf_counter()
+            staging, buffer = self._staging.take(len(job.keys))
+            if self._paged.on_cuda:
+                # The copy out runs on a side stream once the compute queued so far has written the
+                # KV; the forward pass goes on, and the store gets the chunks when the copy is over.
+                self._copy_stream.wait_stream(torch.cuda.current_stream(self._paged.device))
+                self._paged.copy_async(True, job.block_ids, job.chunk_in_block, staging, self._copy_stream)
+                copied = torch.cuda.Event()
+                copied.record(self._copy_stream)
+                self._copying.append(_Transfer(job, None, started, staging, buffer, copied))
+                continue
             self._paged.gather(job.block_ids, job.chunk_in_block, staging)
             task = self.store.dump(job.keys, self._paged.chunk_buffers(staging), [self._shard] * len(job.keys))
-            self._saves.append(_Transfer(job, task, staging, time.perf_counter()))
+            self._saves.append(_Transfer(job, task, started, staging, buffer))
+        self._dump_copied(block=self._wait_for_commit)
         # A producer answers only once its chunks are committed, so a consumer started after the
         # reply always finds them.
         self._reap_saves(block=self._wait_for_commit)
+
+    def _dump_copied(self, block: bool) -> None:
+        """CUDA caches: hand the chunks whose copy out of the device is over to the store."""
+        while self._copying and (block or self._copying[0].copied.query()):
+            transfer = self._copying.popleft()
+            transfer.copied.synchronize()
+            job = transfer.job
+            transfer.task = self.store.dump(
+                job.keys, self._paged.chunk_buffers(transfer.staging), [self._shard] * len(job.keys)
+            )
+            self._saves.append(transfer)
 
     def _reap_saves(self, block: bool) -> None:
         while self._saves and (block or self.store.check(self._saves[0].task)):
@@ -368,7 +403,7 @@ class UcmConnector(KVConnectorBase_V1):
                 saved_bytes=(count - failed) * self._paged.chunk_bytes,
                 save_seconds=time.perf_counter() - transfer.started,
             )
-            self._release(transfer.staging)
+            self._staging.give(transfer.buffer)
 
     def _finish_load(self, transfer: _Transfer, report: bool = True) -> None:
         job = transfer.job
@@ -384,11 +419,21 @@ class UcmConnector(KVConnectorBase_V1):
                 exc,
             )
         good = [i for i, key in enumerate(job.keys) if key not in failed]
-        if good:
+        scattered = None
+        if good and transfer.staging is not None and self._paged.on_cuda:
+            # On the compute stream, so every later forward pass reads the chunks; failed chunks are
+            # copied too (their blocks are reported below and recomputed before anything reads them).
+            stream = torch.cuda.current_stream(self._paged.device)
+            self._paged.copy_async(False, job.block_ids, job.chunk_in_block, transfer.staging, stream)
+            scattered = torch.cuda.Event()
+            scattered.record(stream)
+        elif good and transfer.staging is not None:
             staging = transfer.staging
             if len(good) < len(job.keys):
                 staging = staging.index_select(2, torch.tensor(good, dtype=torch.long))
             self._paged.scatter([job.block_ids[i] for i in good], [job.chunk_in_block[i] for i in good], staging)
+        # A chunk loaded straight into the cache may have left bytes there before it failed: its
+        # whole block is reported, so vLLM recomputes it.
         self._failed_blocks.update(job.block_ids[i] for i, key in enumerate(job.keys) if key in failed)
         self._stats.add(
             loaded_chunks=len(good),
@@ -396,11 +441,13 @@ class UcmConnector(KVConnectorBase_V1):
             loaded_bytes=len(good) * self._paged.chunk_bytes,
             load_seconds=time.perf_counter() - transfer.started,
         )
-        self._release(transfer.staging)
+        if transfer.buffer is not None:
+            self._staging.give(transfer.buffer, scattered)
         if report:
             self._finished_loads.add(job.req_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._dump_copied(block=False)
         self._reap_saves(block=False)
         # On a step with nothing to compute, waiting for the oldest load costs nothing.
         while self._loads and (self.store.check(self._loads[0].task) or self._idle_step):

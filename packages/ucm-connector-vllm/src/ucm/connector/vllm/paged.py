@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from ucm.store.transfer import PagedGeometry, gather_chunks, scatter_chunks
+from ucm.store.transfer import PagedGeometry, copy_chunks_cuda, gather_chunks, paged_target, scatter_chunks
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -37,7 +38,12 @@ def kv_views(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tens
         value = cache.as_strided((blocks, heads, tokens, dim), (bs, hs, dim, 1), offset + tokens * dim)
         return key, value
     if layout == "flash":
-        # [2, blocks, block_tokens, heads, head_size] (per token K and V).
+        # [2, blocks, block_tokens, heads, head_size] (per token K and V), whatever its strides.
+        if cache.dim() != 5 or cache.shape[0] != 2:
+            raise ValueError(
+                f"UcmConnector: expected a FlashAttention-style KV cache [2, blocks, tokens, heads, head_size], "
+                f"got shape {tuple(cache.shape)}"
+            )
         return cache[0].permute(0, 2, 1, 3), cache[1].permute(0, 2, 1, 3)
     raise ValueError(f"UcmConnector: unsupported KV cache layout {layout!r}")
 
@@ -62,8 +68,12 @@ class PagedKV:
         self.piece_bytes = self.heads * chunk_tokens * self.head_size * key.element_size()
         self.chunk_bytes = 2 * len(self.views) * self.piece_bytes
         strides = {(k.stride(), v.stride()) for k, v in self.views}
-        if len(strides) != 1 or {k.device.type for k, _ in self.views} != {"cpu"}:
-            raise ValueError("UcmConnector: every layer's KV cache must share one host page layout")
+        devices = {k.device for k, _ in self.views}
+        if len(strides) != 1 or len(devices) != 1:
+            raise ValueError("UcmConnector: every layer's KV cache must share one page layout on one device")
+        self.device = devices.pop()
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"UcmConnector: no transfer path for KV caches on {self.device.type!r}")
         key_strides, value_strides = strides.pop()
         self.geometry = PagedGeometry(
             keys=[k.data_ptr() for k, _ in self.views],
@@ -74,7 +84,12 @@ class PagedKV:
             heads=self.heads,
             head_size=self.head_size,
             chunk_tokens=chunk_tokens,
+            device=self.device.type,
         )
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     def staging_shape(self, count: int) -> tuple[int, ...]:
         return (len(self.views), 2, count, self.heads, self.chunk_tokens, self.head_size)
@@ -94,6 +109,69 @@ class PagedKV:
         """Copy chunks out of the cache into ``staging`` (of ``staging_shape``)."""
         gather_chunks(self.geometry, blocks, self._positions(chunk_in_block), staging.data_ptr())
 
+    def copy_async(self, to_staging: bool, blocks: list[int], chunk_in_block: list[int], staging, stream) -> None:
+        """CUDA caches: enqueue a gather (``to_staging``) or scatter with pinned ``staging`` on ``stream``."""
+        copy_chunks_cuda(
+            to_staging,
+            self.geometry,
+            blocks,
+            self._positions(chunk_in_block),
+            staging.data_ptr(),
+            stream=stream.cuda_stream,
+        )
+
     def scatter(self, blocks: list[int], chunk_in_block: list[int], staging: torch.Tensor) -> None:
         """Copy chunks from ``staging`` into the cache."""
         scatter_chunks(self.geometry, blocks, self._positions(chunk_in_block), staging.data_ptr())
+
+    def target(self, blocks: list[int], chunk_in_block: list[int]):
+        """Where a store's ``load_into`` puts each chunk: straight into the cache, no staging."""
+        return paged_target(self.geometry, blocks, self._positions(chunk_in_block))
+
+
+class StagingPool:
+    """Staging buffers for chunks, reused across steps.
+
+    Fresh memory costs a page fault per page on first touch (on the 2-core test machines, moving
+    93 MiB into a fresh buffer took 4x as long as into a used one), so buffers are kept and
+    handed out again for any chunk count they can hold. At most ``keep`` idle buffers are kept
+    (the largest ones), so memory stays bounded by the largest transfers in flight.
+    """
+
+    def __init__(self, kv: PagedKV, keep: int = 4):
+        self.kv = kv
+        self.keep = keep
+        self._idle: list[torch.Tensor] = []  # flat byte buffers, smallest first
+        self._busy_until: dict[int, Any] = {}  # buffer address -> CUDA event of the last copy using it
+
+    def take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(staging, buffer)``: a ``staging_shape(count)`` tensor over ``buffer``, reused when one is large enough."""
+        nbytes = count * self.kv.chunk_bytes
+        for index, buffer in enumerate(self._idle):
+            if buffer.numel() >= nbytes:
+                del self._idle[index]
+                break
+        else:
+            # Pinned for a CUDA cache: the device copies read and write it directly over the bus.
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.kv.on_cuda)
+        event = self._busy_until.pop(buffer.data_ptr(), None)
+        if event is not None:
+            event.synchronize()  # a device copy queued earlier may still read it
+        return buffer[:nbytes].view(self.kv.dtype).view(self.kv.staging_shape(count)), buffer
+
+    def give(self, buffer: torch.Tensor, busy_until: Any = None) -> None:
+        """Return a buffer from :meth:`take` once no host code uses it; ``busy_until``: the CUDA event after
+        the last device copy queued on it (it is not handed out again before that event)."""
+        if busy_until is not None:
+            self._busy_until[buffer.data_ptr()] = busy_until
+        self._idle.append(buffer)
+        self._idle.sort(key=torch.Tensor.numel)
+        for dropped in self._idle[: max(0, len(self._idle) - self.keep)]:
+            event = self._busy_until.pop(dropped.data_ptr(), None)
+            if event is not None:
+                event.synchronize()
+        del self._idle[: max(0, len(self._idle) - self.keep)]
+
+    @property
+    def idle_bytes(self) -> int:
+        return sum(flat.numel() for flat in self._idle)

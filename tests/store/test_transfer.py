@@ -1,0 +1,170 @@
+"""The host transfer path: chunks between a paged cache and the store, checked element by element.
+
+A paged cache here is a numpy array per layer, laid out as vLLM lays out its CPU cache (per block
+and head, K transposed ``[dim, token]`` then V ``[token, dim]``) or its FlashAttention cache
+(``[2, blocks, tokens, heads, dim]``). Chunks are gathered out of one cache, dumped to a
+``posix`` store and loaded straight into another cache (``load_into``), or through a staging
+buffer with ``scatter_chunks``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from storetest import block_files, block_ids, supports_o_direct
+
+from ucm.store import StoreError
+from ucm.store.transfer import PagedGeometry, gather_chunks, paged_target, scatter_chunks
+
+LAYERS, BLOCKS, HEADS, TOKENS, DIM = 3, 7, 2, 32, 16
+
+
+def make_cache(layout: str, dtype, seed: int | None):
+    """Per layer: (backing array, K view, V view); views are [blocks, heads, tokens, dim]."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(LAYERS):
+        if layout == "cpu":
+            backing = np.zeros((BLOCKS, HEADS, TOKENS, 2 * DIM), dtype)
+            flat = backing.reshape(BLOCKS, HEADS, 2 * TOKENS * DIM)
+            key = flat[:, :, : TOKENS * DIM].reshape(BLOCKS, HEADS, DIM, TOKENS).transpose(0, 1, 3, 2)
+            value = flat[:, :, TOKENS * DIM :].reshape(BLOCKS, HEADS, TOKENS, DIM)
+        else:
+            backing = np.zeros((2, BLOCKS, TOKENS, HEADS, DIM), dtype)
+            key, value = backing[0].transpose(0, 2, 1, 3), backing[1].transpose(0, 2, 1, 3)
+        if seed is not None:
+            backing[...] = rng.standard_normal(backing.shape).astype(dtype)
+        layers.append((backing, key, value))
+    return layers
+
+
+def geometry(layers, chunk: int) -> PagedGeometry:
+    _, key, value = layers[0]
+    item = key.itemsize
+    return PagedGeometry(
+        keys=[k.ctypes.data for _, k, _ in layers],
+        values=[v.ctypes.data for _, _, v in layers],
+        key_strides=tuple(s // item for s in key.strides),
+        value_strides=tuple(s // item for s in value.strides),
+        elem_bytes=item,
+        heads=HEADS,
+        head_size=DIM,
+        chunk_tokens=chunk,
+    )
+
+
+def expected_chunk(layers, block: int, first_token: int, chunk: int) -> bytes:
+    """The chunk format: [layers][K, V][heads][chunk tokens][dim], C-contiguous."""
+    window = slice(first_token, first_token + chunk)
+    parts = [np.ascontiguousarray(view[block, :, window]) for _, k, v in layers for view in (k, v)]
+    return b"".join(part.tobytes() for part in parts)
+
+
+def assert_moved_exactly(source, target, blocks, offsets, chunk, skip=()):
+    """The target holds the source's chunks at (blocks, offsets), except `skip`, and zeros elsewhere."""
+    for (_, src_k, src_v), (_, dst_k, dst_v) in zip(source, target, strict=True):
+        for src, dst in ((src_k, dst_k), (src_v, dst_v)):
+            written = np.zeros(dst.shape, bool)
+            for i, (block, first) in enumerate(zip(blocks, offsets, strict=True)):
+                if i in skip:
+                    continue
+                window = slice(first, first + chunk)
+                np.testing.assert_array_equal(dst[block, :, window], src[block, :, window])
+                written[block, :, window] = True
+            assert not dst[~written].any(), "bytes landed outside the chunks loaded"
+
+
+CASES = [
+    # (layout, dtype, chunk): 16-bit elements with chunks of 8k tokens take the vector transpose.
+    ("cpu", np.float16, 8),
+    ("cpu", np.float16, 32),
+    ("cpu", np.float16, 4),
+    ("cpu", np.float32, 8),
+    ("flash", np.float16, 8),
+    ("flash", np.float32, 32),
+]
+
+
+@pytest.mark.parametrize(("layout", "dtype", "chunk"), CASES)
+def test_chunks_load_straight_into_another_cache(open_test_store, layout, dtype, chunk):
+    source = make_cache(layout, dtype, seed=1)
+    blocks = [5, 1, 3, 6]
+    offsets = [0, TOKENS - chunk, chunk * (TOKENS // chunk // 2), 0]
+    staging = np.zeros(len(blocks) * LAYERS * 2 * HEADS * chunk * DIM, dtype)
+    gather_chunks(geometry(source, chunk), blocks, offsets, staging.ctypes.data)
+    # Staging is [layers][K, V][chunks][heads][tokens][dim]; chunk i's stored bytes are its slices.
+    per_chunk = staging.reshape(LAYERS * 2, len(blocks), -1)
+    for i, (block, first) in enumerate(zip(blocks, offsets, strict=True)):
+        assert per_chunk[:, i].tobytes() == expected_chunk(source, block, first, chunk)
+
+    store = open_test_store("posix")
+    ids = block_ids(len(blocks), f"{layout}-{chunk}")
+    store.wait(store.dump(ids, [list(per_chunk[:, i]) for i in range(len(blocks))]))
+
+    target = make_cache(layout, dtype, seed=None)
+    into = paged_target(geometry(target, chunk), blocks, offsets)
+    assert len(into) == len(blocks) and into.chunk_bytes == per_chunk[:, 0].nbytes
+    assert store.can_load_into
+    store.wait(store.load_into(ids, into))
+    assert_moved_exactly(source, target, blocks, offsets, chunk)
+
+    # The staging path puts the same bytes in the same places.
+    staged = make_cache(layout, dtype, seed=None)
+    scatter_chunks(geometry(staged, chunk), blocks, offsets, staging.ctypes.data)
+    for (a, _, _), (b, _, _) in zip(target, staged, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "O_DIRECT"])
+def test_a_damaged_chunk_fails_by_id_and_the_others_land(open_test_store, tmp_path, direct_io):
+    if direct_io and not supports_o_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    chunk = 8
+    source = make_cache("cpu", np.float16, seed=2)
+    blocks, offsets = [0, 2, 4], [0, 8, 16]
+    staging = np.zeros(len(blocks) * LAYERS * 2 * HEADS * chunk * DIM, np.float16)
+    gather_chunks(geometry(source, chunk), blocks, offsets, staging.ctypes.data)
+    per_chunk = staging.reshape(LAYERS * 2, len(blocks), -1)
+    store = open_test_store("posix", direct_io=direct_io)
+    ids = block_ids(len(blocks), f"damaged-{direct_io}")
+    store.wait(store.dump(ids, [list(per_chunk[:, i]) for i in range(len(blocks))]))
+    (damaged,) = block_files(Path(store.config["root"]), ids[1])
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    damaged.write_bytes(bytes(data))
+
+    target = make_cache("cpu", np.float16, seed=None)
+    with pytest.raises(StoreError, match="checksum") as failure:
+        store.wait(store.load_into(ids, paged_target(geometry(target, chunk), blocks, offsets)))
+    assert failure.value.ids == [ids[1]]
+    # The good chunks landed; the damaged one may have left bytes in its place (the caller recomputes it).
+    for (_, src_k, src_v), (_, dst_k, dst_v) in zip(source, target, strict=True):
+        for src, dst in ((src_k, dst_k), (src_v, dst_v)):
+            for i in (0, 2):
+                window = slice(offsets[i], offsets[i] + chunk)
+                np.testing.assert_array_equal(dst[blocks[i], :, window], src[blocks[i], :, window])
+
+
+def test_load_into_checks_its_arguments(open_test_store):
+    target = make_cache("cpu", np.float16, seed=None)
+    into = paged_target(geometry(target, 8), [0, 1], [0, 0])
+    store = open_test_store("posix")
+    with pytest.raises(ValueError, match="got 3 ids but the target holds 2 chunks"):
+        store.load_into(block_ids(3, "count"), into)
+    sized = open_test_store("posix", shard_bytes=into.chunk_bytes + 2)
+    with pytest.raises(ValueError, match=f"target's chunks hold {into.chunk_bytes} bytes but shard_bytes"):
+        sized.load_into(block_ids(2, "size"), into)
+    with pytest.raises(ValueError, match="blocks and token_offsets differ in length"):
+        paged_target(geometry(target, 8), [0, 1], [0])
+    with pytest.raises(StoreError, match="not found"):
+        store.wait(store.load_into(block_ids(2, "absent"), into))
+
+
+@pytest.mark.parametrize("kind", ["memory", "example-dict"])
+def test_stores_without_direct_loads_say_so(open_test_store, kind):
+    store = open_test_store(kind)
+    assert not store.can_load_into
+    with pytest.raises(NotImplementedError, match="cannot load straight into a paged cache"):
+        store.load_into(block_ids(1, kind), None)
