@@ -162,6 +162,22 @@ void copy_all(bool to_staging, const std::vector<PagedLayer>& layers, const Page
     });
 }
 
+// Calls body(T{}) with the unsigned integer type T of elem_bytes bytes (1, 2, 4 or 8): copies move
+// elements as opaque words.
+template <typename Body>
+void with_element_type(size_t elem_bytes, Body body) {
+    switch (elem_bytes) {
+        case 1:
+            return body(uint8_t{});
+        case 2:
+            return body(uint16_t{});
+        case 4:
+            return body(uint32_t{});
+        default:
+            return body(uint64_t{});
+    }
+}
+
 }  // namespace
 
 PagedScatter::PagedScatter(std::vector<PagedLayer> layers, const PagedGeometry& geometry, std::vector<int64_t> blocks,
@@ -184,31 +200,17 @@ void PagedScatter::consume(size_t item, size_t offset, const uint8_t* data, size
     size_t tiles = size / tile_bytes_;
     int64_t block = blocks_[item];
     int64_t token_offset = token_offsets_[item];
-    switch (geometry_.elem_bytes) {
-        case 1:
-            return scatter_tiles<uint8_t>(layers_, geometry_, block, token_offset, first, tiles, data);
-        case 2:
-            return scatter_tiles<uint16_t>(layers_, geometry_, block, token_offset, first, tiles, data);
-        case 4:
-            return scatter_tiles<uint32_t>(layers_, geometry_, block, token_offset, first, tiles, data);
-        default:
-            return scatter_tiles<uint64_t>(layers_, geometry_, block, token_offset, first, tiles, data);
-    }
+    with_element_type(geometry_.elem_bytes, [&](auto type) {
+        scatter_tiles<decltype(type)>(layers_, geometry_, block, token_offset, first, tiles, data);
+    });
 }
 
 void copy_chunks(bool to_staging, const std::vector<PagedLayer>& layers, const PagedGeometry& geometry,
                  const std::vector<int64_t>& blocks, const std::vector<int64_t>& token_offsets, uint8_t* staging,
                  ThreadPool& pool) {
-    switch (geometry.elem_bytes) {
-        case 1:
-            return copy_all<uint8_t>(to_staging, layers, geometry, blocks, token_offsets, staging, pool);
-        case 2:
-            return copy_all<uint16_t>(to_staging, layers, geometry, blocks, token_offsets, staging, pool);
-        case 4:
-            return copy_all<uint32_t>(to_staging, layers, geometry, blocks, token_offsets, staging, pool);
-        default:
-            return copy_all<uint64_t>(to_staging, layers, geometry, blocks, token_offsets, staging, pool);
-    }
+    with_element_type(geometry.elem_bytes, [&](auto type) {
+        copy_all<decltype(type)>(to_staging, layers, geometry, blocks, token_offsets, staging, pool);
+    });
 }
 
 }  // namespace ucm

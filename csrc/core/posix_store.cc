@@ -440,6 +440,17 @@ std::string verify(const Trailer& trailer, const ShardIO& item, size_t total, ui
 
 }  // namespace
 
+std::string PosixStore::check_trailer(int fd, const uint8_t* raw, const ShardIO& item, size_t total,
+                                      uint64_t checksum) const {
+    Trailer trailer;
+    std::string error = decode_trailer(raw, &trailer);
+    if (!error.empty()) {
+        std::string size_error = explain_size_mismatch(fd, total);
+        return size_error.rfind(kSizeMismatch, 0) == 0 ? size_error : error;
+    }
+    return verify(trailer, item, total, config_.num_shards, checksum);
+}
+
 std::string PosixStore::read_shard(int fd, const ShardIO& item) {
     // Read in pieces and verify each while it is still in the CPU cache; the trailer comes with
     // the last piece, in the same system call.
@@ -463,13 +474,7 @@ std::string PosixStore::read_shard(int fd, const ShardIO& item) {
         for (size_t i = 0; i < payload_iovs; ++i) checksum.update(piece[i].iov_base, piece[i].iov_len);
         offset += static_cast<off_t>(piece_bytes);
     }
-    Trailer trailer;
-    std::string error = decode_trailer(raw, &trailer);
-    if (!error.empty()) {
-        std::string size_error = explain_size_mismatch(fd, total);
-        return size_error.rfind(kSizeMismatch, 0) == 0 ? size_error : error;
-    }
-    return verify(trailer, item, total, config_.num_shards, checksum.finish());
+    return check_trailer(fd, raw, item, total, checksum.finish());
 }
 
 std::string PosixStore::read_shard_to_sink(int fd, const ShardIO& item) {
@@ -495,13 +500,7 @@ std::string PosixStore::read_shard_to_sink(int fd, const ShardIO& item) {
         item.sink->consume(item.sink_item, offset, bounce, take);
         offset += take;
     } while (offset < total);
-    Trailer trailer;
-    std::string error = decode_trailer(raw, &trailer);
-    if (!error.empty()) {
-        std::string size_error = explain_size_mismatch(fd, total);
-        return size_error.rfind(kSizeMismatch, 0) == 0 ? size_error : error;
-    }
-    return verify(trailer, item, total, config_.num_shards, checksum.finish());
+    return check_trailer(fd, raw, item, total, checksum.finish());
 }
 
 std::string PosixStore::read_shard_direct(int fd, const ShardIO& item) {

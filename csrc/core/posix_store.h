@@ -62,6 +62,8 @@ private:
     std::string read_shard_to_sink(int fd, const ShardIO& item);
     std::string read_shard_direct(int fd, const ShardIO& item);
     std::string explain_size_mismatch(int fd, size_t expected) const;
+    // The trailer read after a shard's payload, checked against the item and the payload checksum.
+    std::string check_trailer(int fd, const uint8_t* raw, const ShardIO& item, size_t total, uint64_t checksum) const;
     void commit_marker_if_complete(const std::string& id);
     int open_tmp(const std::string& dir, std::string* tmp_name);
 

@@ -8,11 +8,64 @@
 #include <string>
 #include <vector>
 
+#include "dlpack.h"
 #include "paged_copy_cuda.h"
 
 namespace py = pybind11;
 
 namespace {
+
+// (address, nbytes, device) of a C-contiguous CUDA tensor exported through DLPack.
+py::tuple dlpack_buffer(py::handle obj, const std::string& name) {
+    ucm_python::DLPackView view = ucm_python::dlpack_view(obj, name);
+    if (view.device.device_type != ucm_python::kDLCUDA && view.device.device_type != ucm_python::kDLCUDAManaged) {
+        throw py::value_error(name + " is not a CUDA tensor");
+    }
+    // The caller keeps obj alive while the address is used; the export itself is dropped here.
+    return py::make_tuple(reinterpret_cast<uintptr_t>(view.data), view.nbytes, view.device.device_id);
+}
+
+// Pinned (page-locked) host memory, registered with CUDA once, exposed as a writable buffer.
+class PinnedBuffer {
+public:
+    explicit PinnedBuffer(size_t nbytes) : size_(nbytes) {
+        cudaError_t err = cudaHostAlloc(&data_, nbytes == 0 ? 1 : nbytes, cudaHostAllocPortable);
+        if (err != cudaSuccess) {
+            data_ = nullptr;
+            throw std::runtime_error("cannot pin " + std::to_string(nbytes) + " bytes of host memory: " +
+                                     cudaGetErrorString(err));
+        }
+    }
+    ~PinnedBuffer() {
+        if (data_ != nullptr) cudaFreeHost(data_);
+    }
+    PinnedBuffer(const PinnedBuffer&) = delete;
+    PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+    uintptr_t address() const { return reinterpret_cast<uintptr_t>(data_); }
+    size_t size() const { return size_; }
+    py::buffer_info info() { return py::buffer_info(data_, 1, py::format_descriptor<uint8_t>::format(), size_); }
+
+private:
+    void* data_ = nullptr;
+    size_t size_;
+};
+
+// Copies (dst, src, nbytes) triples on `stream` and waits for them (GIL released).
+void copy_and_wait(const std::vector<std::array<uintptr_t, 3>>& copies, uintptr_t stream) {
+    cudaError_t err = cudaSuccess;
+    {
+        py::gil_scoped_release release;
+        auto s = reinterpret_cast<cudaStream_t>(stream);
+        for (const auto& c : copies) {
+            err = cudaMemcpyAsync(reinterpret_cast<void*>(c[0]), reinterpret_cast<const void*>(c[1]), c[2],
+                                  cudaMemcpyDefault, s);
+            if (err != cudaSuccess) break;
+        }
+        cudaError_t sync = cudaStreamSynchronize(s);
+        if (err == cudaSuccess) err = sync;
+    }
+    if (err != cudaSuccess) throw std::runtime_error(std::string("CUDA copy: ") + cudaGetErrorString(err));
+}
 
 void copy_chunks(bool to_host, const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
                  const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
@@ -93,6 +146,15 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("device_count", &device_count, "CUDA devices this process can use (0 without a driver or GPU).");
     m.def("copy_pages", &copy_pages, py::arg("dst"), py::arg("src"), py::arg("page_bytes"), py::arg("stream") = 0,
           "One cudaMemcpyAsync per page (the copy-engine way, for comparison).");
+    m.def("dlpack_buffer", &dlpack_buffer, py::arg("obj"), py::arg("name") = "buffer",
+          "(address, nbytes, device) of a contiguous CUDA tensor exported through DLPack.");
+    m.def("copy_and_wait", &copy_and_wait, py::arg("copies"), py::arg("stream") = 0,
+          "cudaMemcpyAsync each (dst, src, nbytes) on `stream`, then wait for them.");
+    py::class_<PinnedBuffer>(m, "PinnedBuffer", py::buffer_protocol())
+        .def(py::init<size_t>(), py::arg("nbytes"))
+        .def_property_readonly("address", &PinnedBuffer::address)
+        .def("__len__", &PinnedBuffer::size)
+        .def_buffer(&PinnedBuffer::info);
     m.def("synchronize", &synchronize, py::arg("stream"), "Wait (GIL released) for the work queued on a stream.");
     m.def("copy_chunks", &copy_chunks, py::arg("to_host"), py::arg("keys"), py::arg("values"),
           py::arg("key_strides"), py::arg("value_strides"), py::arg("elem_bytes"), py::arg("blocks"),

@@ -17,6 +17,7 @@
 
 #include "buffer.h"
 #include "checksum.h"
+#include "dlpack.h"
 #include "memory_cache.h"
 #include "paged_copy.h"
 #include "posix_store.h"
@@ -26,32 +27,8 @@ namespace py = pybind11;
 
 namespace {
 
-// The DLPack ABI (v0.x "dltensor" capsules), enough to find a CPU tensor's bytes.
-struct DLDevice {
-    int32_t device_type;
-    int32_t device_id;
-};
-struct DLDataType {
-    uint8_t code;
-    uint8_t bits;
-    uint16_t lanes;
-};
-struct DLTensor {
-    void* data;
-    DLDevice device;
-    int32_t ndim;
-    DLDataType dtype;
-    int64_t* shape;
-    int64_t* strides;
-    uint64_t byte_offset;
-};
-struct DLManagedTensor {
-    DLTensor dl_tensor;
-    void* manager_ctx;
-    void (*deleter)(DLManagedTensor*);
-};
-constexpr int32_t kDLCPU = 1;
-constexpr int32_t kDLCUDAHost = 3;
+using ucm_python::kDLCPU;
+using ucm_python::kDLCUDAHost;
 
 // Python objects a task's buffers come from; released (with the GIL) once the task is over.
 struct Keepalive {
@@ -71,27 +48,12 @@ std::string where(size_t index, std::optional<size_t> part) {
 }
 
 ucm::Buffer from_dlpack(py::handle obj, const std::string& name, Keepalive& keep) {
-    py::object capsule = obj.attr("__dlpack__")();
-    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
-    if (managed == nullptr) throw py::error_already_set();
-    const DLTensor& t = managed->dl_tensor;
-    if (t.device.device_type != kDLCPU && t.device.device_type != kDLCUDAHost) {
+    ucm_python::DLPackView view = ucm_python::dlpack_view(obj, name);
+    if (view.device.device_type != kDLCPU && view.device.device_type != kDLCUDAHost) {
         throw py::value_error(name + " is a device tensor; this store takes host memory (move it to the CPU)");
     }
-    size_t item = static_cast<size_t>(t.dtype.bits) * t.dtype.lanes / 8;
-    size_t count = 1;
-    for (int32_t d = 0; d < t.ndim; ++d) count *= static_cast<size_t>(t.shape[d]);
-    if (t.strides != nullptr && count > 1) {
-        int64_t expected = 1;
-        for (int32_t d = t.ndim - 1; d >= 0; --d) {
-            if (t.shape[d] != 1 && t.strides[d] != expected) {
-                throw py::value_error(name + " is not contiguous; pass a contiguous tensor");
-            }
-            expected *= t.shape[d];
-        }
-    }
-    keep.objects.push_back(std::move(capsule));  // unconsumed: its destructor frees the tensor view
-    return {static_cast<uint8_t*>(t.data) + t.byte_offset, count * item};
+    keep.objects.push_back(std::move(view.capsule));  // unconsumed: its destructor frees the tensor view
+    return {view.data, view.nbytes};
 }
 
 ucm::Buffer to_buffer(py::handle obj, bool writable, const std::string& name, Keepalive& keep) {

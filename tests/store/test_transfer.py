@@ -168,3 +168,19 @@ def test_stores_without_direct_loads_say_so(open_test_store, kind):
     assert not store.can_load_into
     with pytest.raises(NotImplementedError, match="cannot load straight into a paged cache"):
         store.load_into(block_ids(1, kind), None)
+
+
+class _FakeCudaBuffer:
+    """Claims to live on a CUDA device, as a tensor exporting __cuda_array_interface__ does."""
+
+    __cuda_array_interface__ = {"data": (0x10000, False), "shape": (256,), "typestr": "<f2", "version": 3}
+
+
+def test_a_cuda_buffer_without_a_gpu_gets_an_error_naming_cuda(open_test_store):
+    from ucm.store.transfer import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is present: tests/gpu covers device buffers")
+    store = open_test_store("posix")
+    with pytest.raises((RuntimeError, ValueError), match="CUDA"):
+        store.dump([b"device"], [_FakeCudaBuffer()])

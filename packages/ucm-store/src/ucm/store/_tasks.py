@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,12 +15,26 @@ class NativeTask:
 
     op: str
     native: Any  # ucm.store._native.Task
+    after: Callable[[], None] | None = None  # runs once the batch is over (device buffers: see _device.py)
+    _failures: list[tuple[bytes, str]] | None = None
 
     def failures(self) -> list[tuple[bytes, str]]:
-        return self.native.wait()
+        if self._failures is None:
+            failures = self.native.wait()
+            self._run_after()
+            self._failures = failures
+        return self._failures
 
     def done(self) -> bool:
-        return self.native.done()
+        if not self.native.done():
+            return False
+        self._run_after()
+        return True
+
+    def _run_after(self) -> None:
+        after, self.after = self.after, None
+        if after is not None:
+            after()
 
 
 def raise_failures(op: str, failures: list[tuple[bytes, str]]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ucm.store import _native
 from ucm.store._base import KVStore, Option, StoreError
+from ucm.store._device import stage
 from ucm.store._tasks import NativeTask, raise_failures
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class _TieredLoad:
     backend_task: Any = None
     backend_batch: tuple[list[bytes], list[Any], list[int]] | None = None
     failures: list[tuple[bytes, str]] | None = None  # set once finished
+    after: Any = None  # device buffers: copies the loaded bytes to them (see _device.py)
 
 
 class MemoryStore(KVStore):
@@ -118,11 +120,24 @@ class MemoryStore(KVStore):
 
     # -- transfers -------------------------------------------------------------------------
     def dump(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        return NativeTask("dump", self._cache.dump(ids, buffers, shards, dirty=self._backend is not None))
+        buffers, after = stage(buffers, load=False)
+        try:
+            native = self._cache.dump(ids, buffers, shards, dirty=self._backend is not None)
+        except BaseException:
+            if after is not None:
+                after()
+            raise
+        return NativeTask("dump", native, after)
 
     def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> _TieredLoad:
-        native, missing = self._cache.load(ids, buffers, shards)
-        task = _TieredLoad(ids, NativeTask("load", native))
+        buffers, after = stage(buffers, load=True)
+        try:
+            native, missing = self._cache.load(ids, buffers, shards)
+        except BaseException:
+            if after is not None:
+                after()
+            raise
+        task = _TieredLoad(ids, NativeTask("load", native), after=after)
         if not missing:
             return task
         if self._backend is None:
@@ -172,6 +187,9 @@ class MemoryStore(KVStore):
             order = {block_id: index for index, block_id in reversed(list(enumerate(task.ids)))}
             failures.sort(key=lambda failure: order.get(failure[0], len(order)))
         task.failures = failures
+        after, task.after = task.after, None
+        if after is not None:
+            after()
         return failures
 
     def _promote(self, batch: tuple[list[bytes], list[Any], list[int]], failed: set[bytes]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ucm.store import _native
 from ucm.store._base import KVStore, Option
+from ucm.store._device import stage
 from ucm.store._tasks import NativeTask, raise_failures
 
 FORMAT_NAME = "ucm-store"
@@ -60,10 +61,20 @@ class PosixStore(KVStore):
         return self._native.lookup_prefix(ids)
 
     def dump(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        return NativeTask("dump", self._native.dump(ids, buffers, shards))
+        return self._transfer("dump", ids, buffers, shards)
 
     def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        return NativeTask("load", self._native.load(ids, buffers, shards))
+        return self._transfer("load", ids, buffers, shards)
+
+    def _transfer(self, op: str, ids, buffers, shards) -> NativeTask:
+        buffers, after = stage(buffers, load=op == "load")
+        try:
+            native = (self._native.load if op == "load" else self._native.dump)(ids, buffers, shards)
+        except BaseException:
+            if after is not None:
+                after()
+            raise
+        return NativeTask(op, native, after)
 
     can_load_into = True
 

@@ -83,23 +83,30 @@ def copy_chunks_cuda(
     """
     begin, end = layers if layers is not None else (0, len(geometry.keys))
     _cuda_module().copy_chunks(
-        to_host,
-        list(geometry.keys),
-        list(geometry.values),
-        geometry.key_strides,
-        geometry.value_strides,
-        geometry.elem_bytes,
-        list(blocks),
-        list(token_offsets),
-        geometry.heads,
-        geometry.chunk_tokens,
-        geometry.head_size,
-        host,
-        begin,
-        end,
-        stream,
-        max_blocks,
+        to_host=to_host,
+        blocks=list(blocks),
+        token_offsets=list(token_offsets),
+        host=host,
+        layer_begin=begin,
+        layer_end=end,
+        stream=stream,
+        max_blocks=max_blocks,
+        **_cache_args(geometry),
     )
+
+
+def _cache_args(geometry: PagedGeometry) -> dict:
+    """The geometry as the native copy functions take it (keyword arguments)."""
+    return {
+        "keys": list(geometry.keys),
+        "values": list(geometry.values),
+        "key_strides": geometry.key_strides,
+        "value_strides": geometry.value_strides,
+        "elem_bytes": geometry.elem_bytes,
+        "heads": geometry.heads,
+        "chunk_tokens": geometry.chunk_tokens,
+        "head_size": geometry.head_size,
+    }
 
 
 def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, staging: int) -> None:
@@ -112,18 +119,11 @@ def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, stag
     if geometry.device != "cpu":
         raise ValueError(f"no transfer path for device {geometry.device!r} (have 'cpu' and 'cuda')")
     _native.copy_chunks(
-        to_staging,
-        list(geometry.keys),
-        list(geometry.values),
-        geometry.key_strides,
-        geometry.value_strides,
-        geometry.elem_bytes,
-        list(blocks),
-        list(token_offsets),
-        geometry.heads,
-        geometry.chunk_tokens,
-        geometry.head_size,
-        staging,
+        to_staging=to_staging,
+        blocks=list(blocks),
+        token_offsets=list(token_offsets),
+        staging=staging,
+        **_cache_args(geometry),
     )
 
 
@@ -146,15 +146,4 @@ def paged_target(geometry: PagedGeometry, blocks: Sequence[int], token_offsets: 
     """
     if geometry.device != "cpu":
         raise ValueError(f"load_into needs a cache in host memory, not on {geometry.device!r}")
-    return _native.PagedScatter(
-        list(geometry.keys),
-        list(geometry.values),
-        geometry.key_strides,
-        geometry.value_strides,
-        geometry.elem_bytes,
-        geometry.heads,
-        geometry.chunk_tokens,
-        geometry.head_size,
-        list(blocks),
-        list(token_offsets),
-    )
+    return _native.PagedScatter(blocks=list(blocks), token_offsets=list(token_offsets), **_cache_args(geometry))
