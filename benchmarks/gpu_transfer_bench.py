@@ -4,8 +4,10 @@
 For each page shape (an MLA latent page, fp8 K and V pages, bf16 K and V pages), each count of
 scattered blocks and each direction (device to pinned host, and back), the same chunks are moved:
 
-* ``ucm kernel``: ``ucm.store.transfer.copy_chunks_cuda``, one launch for every layer, writing
-  the chunk format straight into pinned host memory (no device staging);
+* ``ucm copy engines``: ``ucm.store.transfer.copy_chunks_cuda`` (its default way): small kernels
+  convert pages into a 64 MiB ring of device slots, the copy engines move the slots;
+* ``ucm kernel``: the same call with ``way="kernel"``: one launch reads or writes the pinned host
+  memory directly (no device memory at all);
 * ``cudaMemcpyAsync per page``: one copy-engine copy per (layer, plane, block) page;
 * ``torch index + copy``: ``index_select`` into a device staging buffer as large as the
   transfer, then one copy to or from pinned memory (bytes viewed as uint8, so fp8 works too);
@@ -89,7 +91,7 @@ class Case:
         self.host = host[: self.nbytes]
         self.index = torch.tensor(self.blocks, device="cuda")
 
-    def kernel(self, to_host: bool, stream, max_blocks: int = 0):
+    def kernel(self, to_host: bool, stream, max_blocks: int = 0, way: str = "kernel"):
         return lambda: copy_chunks_cuda(
             to_host,
             self.geometry,
@@ -98,6 +100,7 @@ class Case:
             self.host.data_ptr(),
             stream=stream.cuda_stream,
             max_blocks=max_blocks,
+            way=way,
         )
 
     def per_page(self, to_host: bool, stream):
@@ -171,6 +174,7 @@ def main() -> None:
                 torch_run, staging = case.torch_index(to_host, stream)
                 results = {
                     "one large copy": timed(case.large_copy(to_host, stream, staging), repeats, stream),
+                    "ucm copy engines": timed(case.kernel(to_host, stream, way="copy-engine"), repeats, stream),
                     "ucm kernel": timed(case.kernel(to_host, stream), repeats, stream),
                     "torch index + copy": timed(torch_run, repeats, stream),
                     "cudaMemcpyAsync per page": timed(case.per_page(to_host, stream), min(repeats, 3), stream),
@@ -186,11 +190,11 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     print(
-        "- GB/s = 10^9 bytes per second, median of CUDA-event timings; the ucm kernel uses no device staging "
-        "(the chunk table only: 16 bytes per block)\n"
+        "- GB/s = 10^9 bytes per second, median of CUDA-event timings; device staging: the copy-engine way "
+        "64 MiB (its ring), the kernel way none, torch as much as the transfer\n"
     )
-    ways = ["one large copy", "ucm kernel", "torch index + copy", "cudaMemcpyAsync per page"]
-    print("| pages | blocks | direction | GB moved | " + " | ".join(ways) + " | ucm / large copy |")
+    ways = ["one large copy", "ucm copy engines", "ucm kernel", "torch index + copy", "cudaMemcpyAsync per page"]
+    print("| pages | blocks | direction | GB moved | " + " | ".join(ways) + " | ucm copy engines / large copy |")
     print("| --- | ---: | --- | ---: | " + " | ".join("---:" for _ in ways) + " | ---: |")
     for shape, count, direction, nbytes, results in rows:
         rates = [nbytes / results[w] / 1e9 for w in ways]
@@ -213,22 +217,28 @@ def main() -> None:
 
     case = Case("bf16 K and V, 64 KiB per block", 1000, host)
     compute_alone = timed(compute, repeats, compute_stream)
-    high = torch.cuda.Stream(priority=-1)
     print(
-        "\n| transfer (bf16 pages, 1,000 blocks, 2.1 GB) | started | stream | thread blocks | compute alone (ms) "
+        "\n| transfer (bf16 pages, 1,000 blocks, 2.1 GB) | way | started | thread blocks | compute alone (ms) "
         "| transfer alone (ms) | both (ms) | compute ends (ms) | transfer ends (ms) | both / longer alone |"
     )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    high = torch.cuda.Stream(priority=-1)  # the highest priority torch offers
     variants = [
-        (o, s_, cap)
+        ("copy-engine", o, cap, p_)
+        for p_ in ("normal", "high")
         for o in ("transfer first", "compute first")
-        for s_ in ("normal", "high priority")
-        for cap in (0, 32, 16, 8)
+        for cap in (0, 64)
+    ]
+    variants += [
+        ("kernel", o, cap, p_)
+        for p_ in ("normal", "high")
+        for o in ("transfer first", "compute first")
+        for cap in (16, 8)
     ]
     for to_host in (True, False):
-        for order, which, cap in variants:
-            side = stream if which == "normal" else high
-            run = case.kernel(to_host, side, max_blocks=cap)
+        for way, order, cap, priority in variants:
+            side = stream if priority == "normal" else high
+            run = case.kernel(to_host, side, max_blocks=cap, way=way)
             alone = timed(run, repeats, side)
             pair, ends = [], []
             for _ in range(repeats):
@@ -251,7 +261,7 @@ def main() -> None:
             end_t = statistics.median(e[1] for e in ends)
             label = "device->host" if to_host else "host->device"
             print(
-                f"| {label} | {order} | {which} | {cap or 'fill (4 per SM)'} | {compute_alone * 1e3:.1f} | "
+                f"| {label} | {way}, {priority} priority | {order} | {cap or 'default'} | {compute_alone * 1e3:.1f} | "
                 f"{alone * 1e3:.1f} | {both * 1e3:.1f} | {end_c:.1f} | {end_t:.1f} | "
                 f"{both / max(compute_alone, alone):.2f}x |"
             )

@@ -1,10 +1,9 @@
 // The CUDA transfer path: chunks between a paged KV cache in device memory and pinned host
 // memory in the chunk format (docs/format.md), converting the page layout in the same pass.
 //
-// One kernel moves every row (one token of one head: head_size elements, contiguous on both
-// sides) of every chunk of a layer range. The host side is read or written directly over the
-// bus (pinned memory is mapped into the device's address space), so no device staging memory
-// is used and one launch replaces a copy per page.
+// A kernel moves every row (one token of one head: head_size elements, contiguous on both sides)
+// of every chunk of a layer range, converting the page layout; the bytes cross the bus either
+// through the copy engines (by way of a small ring of device slots) or from the kernel itself.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,14 +30,22 @@ struct DeviceGeometry {
     size_t planes;  // 2 (K and V) or 1 (MLA)
 };
 
+// How the bytes cross the bus. kCopyEngine: a small kernel converts pages into a ring of device
+// slots (64 MiB in all, per device) and the copy engines move the slots (full bus bandwidth, and
+// no SM ever writes to host memory). kKernel: one kernel reads or writes the pinned host memory
+// directly (no device memory at all).
+enum class Way { kCopyEngine, kKernel };
+
 // Moves chunks of layers [layer_begin, layer_end) between the device cache and `host`, a pinned
 // buffer holding [layers][planes][count][heads][chunk_tokens][head_size] for *all* layers (the
 // layer range selects a slice of it). Chunk i is tokens [token_offsets[i], + chunk_tokens) of
-// block blocks[i]. Enqueued on `stream`; returns at once. `max_blocks` caps the thread blocks
-// (0: enough to fill the device), which leaves room for compute running beside it.
+// block blocks[i]. Enqueued on `stream` (the copy out of the cache runs after the work already
+// there; `stream` is done when the bytes are); returns at once. `max_blocks` caps the thread
+// blocks of each kernel (0: 16 per ring slot, or enough to fill the device for kKernel).
 // Returns an error text, empty on success.
 std::string copy_chunks(bool to_host, const std::vector<DeviceLayer>& layers, const DeviceGeometry& geometry,
                         const std::vector<int64_t>& blocks, const std::vector<int64_t>& token_offsets, uint8_t* host,
-                        size_t layer_begin, size_t layer_end, cudaStream_t stream, unsigned max_blocks);
+                        size_t layer_begin, size_t layer_end, cudaStream_t stream, unsigned max_blocks,
+                        Way way = Way::kCopyEngine);
 
 }  // namespace ucm::cuda

@@ -71,7 +71,10 @@ void copy_chunks(bool to_host, const std::vector<uintptr_t>& keys, const std::ve
                  const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
                  size_t elem_bytes, const std::vector<int64_t>& blocks, const std::vector<int64_t>& token_offsets,
                  size_t heads, size_t chunk_tokens, size_t head_size, uintptr_t host, size_t layer_begin,
-                 py::object layer_end, uintptr_t stream, unsigned max_blocks) {
+                 py::object layer_end, uintptr_t stream, unsigned max_blocks, const std::string& way) {
+    if (way != "copy-engine" && way != "kernel") {
+        throw py::value_error("way must be 'copy-engine' or 'kernel', got '" + way + "'");
+    }
     if (keys.empty()) throw py::value_error("need one key address per layer");
     if (!values.empty() && values.size() != keys.size()) {
         throw py::value_error("need one value address per layer, or none for a single-plane (MLA) cache");
@@ -101,7 +104,8 @@ void copy_chunks(bool to_host, const std::vector<uintptr_t>& keys, const std::ve
         py::gil_scoped_release release;
         error = ucm::cuda::copy_chunks(to_host, layers, geometry, blocks, token_offsets,
                                        reinterpret_cast<uint8_t*>(host), layer_begin, end,
-                                       reinterpret_cast<cudaStream_t>(stream), max_blocks);
+                                       reinterpret_cast<cudaStream_t>(stream), max_blocks,
+                                       way == "kernel" ? ucm::cuda::Way::kKernel : ucm::cuda::Way::kCopyEngine);
     }
     if (!error.empty()) throw std::runtime_error("CUDA chunk copy: " + error);
 }
@@ -160,7 +164,7 @@ PYBIND11_MODULE(_cuda, m) {
           py::arg("key_strides"), py::arg("value_strides"), py::arg("elem_bytes"), py::arg("blocks"),
           py::arg("token_offsets"), py::arg("heads"), py::arg("chunk_tokens"), py::arg("head_size"), py::arg("host"),
           py::arg("layer_begin") = 0, py::arg("layer_end") = py::none(), py::arg("stream") = 0,
-          py::arg("max_blocks") = 0,
+          py::arg("max_blocks") = 0, py::arg("way") = "copy-engine",
           "Enqueue one copy of chunks between a paged device cache and pinned host memory on `stream` "
           "(GIL released; returns before the copy is done).");
 }

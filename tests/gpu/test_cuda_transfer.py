@@ -83,9 +83,13 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float32]
 CASES = [(layout, dtype) for layout in ("NHD", "HND", "MLA") for dtype in DTYPES]
 
 
+WAYS = ["copy-engine", "kernel"]
+
+
 @pytest.mark.parametrize(("layout", "dtype"), CASES, ids=[f"{lay}-{str(d).split('.')[-1]}" for lay, d in CASES])
 @pytest.mark.parametrize("chunk", [16, 8])
-def test_gather_then_scatter_match_torch(layout, dtype, chunk):
+@pytest.mark.parametrize("way", WAYS)
+def test_gather_then_scatter_match_torch(layout, dtype, chunk, way):
     dim = 576 if layout == "MLA" else 64
     _, views = make_cache(layout, dtype, dim=dim)
     g = geometry(views, chunk)
@@ -95,14 +99,14 @@ def test_gather_then_scatter_match_torch(layout, dtype, chunk):
     want = expected(views, blocks, offsets, chunk)
 
     host = pinned_random(want.numel())
-    copy_chunks_cuda(True, g, blocks, offsets, host.data_ptr())
+    copy_chunks_cuda(True, g, blocks, offsets, host.data_ptr(), way=way)
     torch.cuda.synchronize()
     assert torch.equal(host, want), "gather differs from torch indexing"
 
     # Scatter into a second cache of random bytes: the chunks change, nothing else does.
     tensors, target = make_cache(layout, dtype, dim=dim)
     before = [t.clone() for t in tensors]
-    copy_chunks_cuda(False, geometry(target, chunk), blocks, offsets, host.data_ptr())
+    copy_chunks_cuda(False, geometry(target, chunk), blocks, offsets, host.data_ptr(), way=way)
     torch.cuda.synchronize()
     assert torch.equal(expected(target, blocks, offsets, chunk), want), "scatter did not land the chunks"
     for layer, (t, old) in enumerate(zip(tensors, before, strict=True)):
@@ -125,7 +129,8 @@ def expected_mask(layout, tensor, blocks, offsets, chunk):
     return mask
 
 
-def test_a_layer_range_moves_only_its_slice():
+@pytest.mark.parametrize("way", WAYS)
+def test_a_layer_range_moves_only_its_slice(way):
     _, views = make_cache("NHD", torch.bfloat16)
     g = geometry(views, TOKENS)
     blocks, offsets = [3, 17, 29], [0, 0, 0]
@@ -133,12 +138,36 @@ def test_a_layer_range_moves_only_its_slice():
     per_layer = whole.numel() // LAYERS
     host = pinned_random(whole.numel())
     before = host.clone()
-    copy_chunks_cuda(True, g, blocks, offsets, host.data_ptr(), layers=(1, 2), max_blocks=2)
+    copy_chunks_cuda(True, g, blocks, offsets, host.data_ptr(), layers=(1, 2), max_blocks=2, way=way)
     torch.cuda.synchronize()
     assert torch.equal(host[per_layer : 2 * per_layer], whole[per_layer : 2 * per_layer])
     assert torch.equal(host[:per_layer], before[:per_layer]) and torch.equal(
         host[2 * per_layer :], before[2 * per_layer :]
     )
+
+
+@pytest.mark.parametrize("to_host", [True, False], ids=["out", "in"])
+def test_transfers_larger_than_the_ring_go_round_it(to_host):
+    """The copy-engine way stages through 64 MiB of device slots: 88 MB takes more than one lap."""
+    caches = [random_tensor((2, 500, TOKENS, 8, 128), torch.bfloat16) for _ in range(LAYERS)]
+    views = [(t[0].permute(0, 2, 1, 3), t[1].permute(0, 2, 1, 3)) for t in caches]
+    blocks = torch.randperm(500)[:450].tolist()
+    offsets = [0] * len(blocks)
+    want = expected(views, blocks, offsets, TOKENS)
+    assert want.numel() > 64 << 20
+    if to_host:
+        host = pinned_random(want.numel())
+        copy_chunks_cuda(
+            True, geometry(views, TOKENS), blocks, offsets, host.data_ptr(), stream=torch.cuda.Stream().cuda_stream
+        )
+        torch.cuda.synchronize()
+        assert torch.equal(host, want)
+    else:
+        targets = [random_tensor((2, 500, TOKENS, 8, 128), torch.bfloat16) for _ in range(LAYERS)]
+        target_views = [(t[0].permute(0, 2, 1, 3), t[1].permute(0, 2, 1, 3)) for t in targets]
+        copy_chunks_cuda(False, geometry(target_views, TOKENS), blocks, offsets, want.pin_memory().data_ptr())
+        torch.cuda.synchronize()
+        assert torch.equal(expected(target_views, blocks, offsets, TOKENS), want)
 
 
 def test_rows_not_a_multiple_of_16_bytes():

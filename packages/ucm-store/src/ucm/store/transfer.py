@@ -71,6 +71,7 @@ def copy_chunks_cuda(
     layers: tuple[int, int] | None = None,
     stream: int = 0,
     max_blocks: int = 0,
+    way: str = "copy-engine",
 ) -> None:
     """Enqueue chunks between a cache in CUDA memory and pinned host memory at ``host``; return at once.
 
@@ -78,8 +79,12 @@ def copy_chunks_cuda(
     ``layers=(begin, end)`` moves only that range (its slice of ``host``), for layer-by-layer
     transfers. The copy runs on ``stream`` (a ``cudaStream_t`` as an integer, such as
     ``torch.cuda.Stream().cuda_stream``) after the work already queued there; synchronise the
-    stream (or an event recorded after it) before reading ``host`` or the cache. ``max_blocks``
-    caps the thread blocks it occupies (0: as many as fill the GPU), to leave room for compute.
+    stream (or an event recorded after it) before reading ``host`` or the cache.
+
+    ``way="copy-engine"`` (the default): small kernels convert pages through a 64 MiB ring of
+    device slots and the copy engines cross the bus; ``way="kernel"``: one kernel reads or writes
+    the pinned memory directly, using no device memory. ``max_blocks`` caps each kernel's thread
+    blocks (0: 16 per slot for the ring, the whole GPU for ``"kernel"``).
     """
     begin, end = layers if layers is not None else (0, len(geometry.keys))
     _cuda_module().copy_chunks(
@@ -91,6 +96,7 @@ def copy_chunks_cuda(
         layer_end=end,
         stream=stream,
         max_blocks=max_blocks,
+        way=way,
         **_cache_args(geometry),
     )
 

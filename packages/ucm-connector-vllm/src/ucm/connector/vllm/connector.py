@@ -318,7 +318,8 @@ class UcmConnector(KVConnectorBase_V1):
         self._paged = PagedKV(kv_caches, layout, self.chunk_tokens)
         self._staging = StagingPool(self._paged)
         if self._paged.on_cuda:
-            self._copy_stream = torch.cuda.Stream(device=self._paged.device)
+            # High priority: the copy's resident kernel gets its few SMs even while compute is queued.
+            self._copy_stream = torch.cuda.Stream(device=self._paged.device, priority=-1)
         if self.tp_size > 1:
             from vllm.distributed import get_tensor_model_parallel_rank
 
