@@ -96,3 +96,28 @@ def test_staging_is_not_reused_before_its_device_copy_is_over():
     again, again_buffer = pool.take(2)
     assert again_buffer.data_ptr() == buffer.data_ptr()
     assert busy.query(), "take() handed out a buffer a device copy was still writing"
+
+
+def test_layer_by_layer_copy_in_is_complete_for_each_layer_once_it_is_waited_for(tmp_path):
+    from ucm.connector.vllm.paged import LayerwiseCopyIn
+
+    source = flash_caches("random")
+    paged = PagedKV(source, "flash", TOKENS)
+    blocks, within = [3, 17, 60], [0, 0, 0]
+    staging, _ = StagingPool(paged).take(len(blocks))
+    paged.copy_async(True, blocks, within, staging, torch.cuda.current_stream())
+    torch.cuda.synchronize()
+
+    target = flash_caches("nan")
+    fresh = PagedKV(target, "flash", TOKENS)
+    copy_in = LayerwiseCopyIn(fresh, torch.cuda.Stream(priority=-1))
+    torch.cuda._sleep(20_000_000)  # compute queued before the load: the copies must wait for it
+    last = copy_in.start(blocks, within, staging)
+    for name in fresh.layer_names:
+        copy_in.wait_layer(name)
+        # Read on the current stream, as the layer's attention would.
+        got = target[name][:, blocks].clone()
+        torch.cuda.current_stream().synchronize()
+        assert torch.equal(got, source[name][:, blocks]), f"{name} read before its copy was over"
+    last.synchronize()
+    copy_in.wait_all()  # nothing left to wait for

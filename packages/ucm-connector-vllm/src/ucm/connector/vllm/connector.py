@@ -26,7 +26,7 @@ import torch
 from ucm.connector.vllm import keys as chunk_keys
 from ucm.connector.vllm.config import ConnectorConfig
 from ucm.connector.vllm.metrics import UcmConnectorStats, UcmPromMetrics
-from ucm.connector.vllm.paged import PagedKV, StagingPool
+from ucm.connector.vllm.paged import LayerwiseCopyIn, PagedKV, StagingPool
 from ucm.store import StoreError, open_store
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -130,6 +130,7 @@ class UcmConnector(KVConnectorBase_V1):
         self._staging: StagingPool | None = None
         self._copy_stream = None  # CUDA caches: the side stream of the copies out of the cache
         self._copying: deque[_Transfer] = deque()  # CUDA saves whose copy out may still run
+        self._layerwise: LayerwiseCopyIn | None = None  # CUDA synchronous loads, layer by layer
 
     # ==== shared ===========================================================================
     def _namespace_fields(self, vllm_config: VllmConfig) -> dict[str, Any]:
@@ -320,6 +321,7 @@ class UcmConnector(KVConnectorBase_V1):
         if self._paged.on_cuda:
             # High priority: the copy's resident kernel gets its few SMs even while compute is queued.
             self._copy_stream = torch.cuda.Stream(device=self._paged.device, priority=-1)
+            self._layerwise = LayerwiseCopyIn(self._paged, self._copy_stream)
         if self.tp_size > 1:
             from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -347,12 +349,17 @@ class UcmConnector(KVConnectorBase_V1):
                 self._finish_load(self._loads.popleft(), report=False)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        pass  # synchronous loads finish in start_load_kv; asynchronous ones before their request runs
+        # Host caches: synchronous loads finish in start_load_kv, asynchronous ones before their
+        # request runs. CUDA caches: a synchronous load's copy into this layer must be over first.
+        if self._layerwise is not None:
+            self._layerwise.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         pass  # chunks are copied out once per step, in wait_for_save
 
     def wait_for_save(self) -> None:
+        if self._layerwise is not None:
+            self._layerwise.wait_all()  # layers the forward pass did not announce
         if not self.has_connector_metadata():
             return
         for job in self._get_connector_metadata().saves:
@@ -421,7 +428,11 @@ class UcmConnector(KVConnectorBase_V1):
             )
         good = [i for i, key in enumerate(job.keys) if key not in failed]
         scattered = None
-        if good and transfer.staging is not None and self._paged.on_cuda:
+        if good and transfer.staging is not None and self._paged.on_cuda and not report:
+            # A synchronous load, before this step's forward pass: layer by layer, so each layer's
+            # compute waits only for its own copy.
+            scattered = self._layerwise.start(job.block_ids, job.chunk_in_block, transfer.staging)
+        elif good and transfer.staging is not None and self._paged.on_cuda:
             # On the compute stream, so every later forward pass reads the chunks; failed chunks are
             # copied too (their blocks are reported below and recomputed before anything reads them).
             stream = torch.cuda.current_stream(self._paged.device)

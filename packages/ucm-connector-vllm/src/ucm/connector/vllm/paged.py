@@ -129,6 +129,52 @@ class PagedKV:
         return paged_target(self.geometry, blocks, self._positions(chunk_in_block))
 
 
+class LayerwiseCopyIn:
+    """CUDA caches: chunks from pinned staging into the cache one layer at a time, on a side stream.
+
+    Each layer's copy is its own launch with its own event, so the forward pass waits (on the
+    device, never the host) only for the layer it is about to read: the other layers' copies run
+    beside its compute.
+    """
+
+    def __init__(self, kv: PagedKV, stream):
+        self.kv = kv
+        self.stream = stream
+        self._events: dict[str, list[Any]] = {}
+
+    def start(self, blocks: list[int], chunk_in_block: list[int], staging: torch.Tensor) -> Any:
+        """Enqueue the copies; return the event after the last one (``staging`` is free after it)."""
+        # The blocks may have been read by compute still queued on the current stream (a request
+        # that held them before): the copies start after it.
+        self.stream.wait_stream(torch.cuda.current_stream(self.kv.device))
+        positions = self.kv._positions(chunk_in_block)
+        event = None
+        for layer, name in enumerate(self.kv.layer_names):
+            copy_chunks_cuda(
+                False,
+                self.kv.geometry,
+                blocks,
+                positions,
+                staging.data_ptr(),
+                layers=(layer, layer + 1),
+                stream=self.stream.cuda_stream,
+            )
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            self._events.setdefault(name, []).append(event)
+        return event
+
+    def wait_layer(self, name: str) -> None:
+        """Make the current stream wait for every copy into layer ``name`` started so far."""
+        current = torch.cuda.current_stream(self.kv.device)
+        for event in self._events.pop(name, ()):
+            current.wait_event(event)
+
+    def wait_all(self) -> None:
+        for name in list(self._events):
+            self.wait_layer(name)
+
+
 class StagingPool:
     """Staging buffers for chunks, reused across steps.
 
