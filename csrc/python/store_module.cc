@@ -19,6 +19,7 @@
 #include "checksum.h"
 #include "dlpack.h"
 #include "memory_cache.h"
+#include "paged_cache.h"
 #include "paged_copy.h"
 #include "posix_store.h"
 #include "task.h"
@@ -349,41 +350,12 @@ ucm::ThreadPool& copy_pool() {
     return pool;
 }
 
-// A paged cache as Python describes it (ucm.store.transfer.PagedGeometry), checked.
-struct PagedCache {
-    std::vector<ucm::PagedLayer> layers;
-    ucm::PagedGeometry geometry;
-};
-
-PagedCache to_paged_cache(const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
-                          const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
-                          size_t elem_bytes, size_t heads, size_t chunk_tokens, size_t head_size) {
-    if (keys.size() != values.size() || keys.empty()) throw py::value_error("need one key and one value per layer");
-    if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) {
-        throw py::value_error("elem_bytes must be 1, 2, 4 or 8, got " + std::to_string(elem_bytes));
-    }
-    if (heads == 0 || chunk_tokens == 0 || head_size == 0) {
-        throw py::value_error("heads, chunk_tokens and head_size must be positive");
-    }
-    PagedCache cache{{},
-                     {{key_strides[0], key_strides[1], key_strides[2], key_strides[3]},
-                      {value_strides[0], value_strides[1], value_strides[2], value_strides[3]},
-                      heads,
-                      chunk_tokens,
-                      head_size,
-                      elem_bytes}};
-    for (size_t i = 0; i < keys.size(); ++i) {
-        cache.layers.push_back({reinterpret_cast<uint8_t*>(keys[i]), reinterpret_cast<uint8_t*>(values[i])});
-    }
-    return cache;
-}
-
 void copy_chunks(bool to_staging, const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
                  const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
                  size_t elem_bytes, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets, size_t heads,
                  size_t chunk_tokens, size_t head_size, uintptr_t staging) {
-    PagedCache cache =
-        to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
+    ucm_python::PagedCache cache =
+        ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
     if (blocks.size() != token_offsets.size()) throw py::value_error("blocks and token_offsets differ in length");
     py::gil_scoped_release release;
     ucm::copy_chunks(to_staging, cache.layers, cache.geometry, blocks, token_offsets,
@@ -394,8 +366,8 @@ std::shared_ptr<ucm::PagedScatter> make_paged_scatter(
     const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values, const std::array<int64_t, 4>& key_strides,
     const std::array<int64_t, 4>& value_strides, size_t elem_bytes, size_t heads, size_t chunk_tokens,
     size_t head_size, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets) {
-    PagedCache cache =
-        to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
+    ucm_python::PagedCache cache =
+        ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
     try {
         return std::make_shared<ucm::PagedScatter>(std::move(cache.layers), cache.geometry, std::move(blocks),
                                                    std::move(token_offsets));

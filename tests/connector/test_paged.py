@@ -97,3 +97,35 @@ def test_staging_buffers_are_reused_for_any_smaller_count_and_bounded():
         pool.give(buffer)
     # Only the two largest idle buffers are kept.
     assert pool.idle_bytes == (8 + 5) * paged.chunk_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_split_layout_of_vllm_ascend_round_trips(dtype):
+    """vllm-ascend hands over a (K, V) pair of [blocks, tokens, heads, head_size] per layer."""
+    caches = {
+        f"model.layers.{i}.self_attn.attn": (
+            torch.randn(BLOCKS, TOKENS, HEADS, DIM).to(dtype),
+            torch.randn(BLOCKS, TOKENS, HEADS, DIM).to(dtype),
+        )
+        for i in range(2)
+    }
+    paged = PagedKV(caches, "split", 8)
+    blocks, within = [6, 2], [3, 0]
+    staging = torch.full(paged.staging_shape(2), float("nan"), dtype=dtype)
+    paged.gather(blocks, within, staging)
+    for layer, name in enumerate(paged.layer_names):
+        for kv, tensor in enumerate(caches[name]):
+            for i, (b, c) in enumerate(zip(blocks, within, strict=True)):
+                assert torch.equal(staging[layer, kv, i], tensor[b, c * 8 : (c + 1) * 8].permute(1, 0, 2))
+    targets = {name: (torch.zeros_like(k), torch.zeros_like(v)) for name, (k, v) in caches.items()}
+    PagedKV(targets, "split", 8).scatter(blocks, within, staging)
+    for name in caches:
+        for got, want in zip(targets[name], caches[name], strict=True):
+            for b, c in zip(blocks, within, strict=True):
+                assert torch.equal(got[b, c * 8 : (c + 1) * 8], want[b, c * 8 : (c + 1) * 8])
+            assert int((got != 0).sum()) == 2 * 8 * HEADS * DIM, "scatter wrote outside the chunks"
+
+
+def test_a_split_layout_that_is_not_a_pair_is_refused():
+    with pytest.raises(ValueError, match=r"expected a \(K, V\) pair"):
+        PagedKV({"l.0.a": (torch.zeros(BLOCKS, TOKENS, HEADS, DIM),)}, "split", 8)

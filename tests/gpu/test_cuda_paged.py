@@ -40,7 +40,7 @@ def flash_caches(fill: str) -> dict[str, torch.Tensor]:
 def test_chunks_round_trip_through_the_store_into_a_fresh_engine_cache(tmp_path, chunk):
     source = flash_caches("random")
     paged = PagedKV(source, "flash", chunk)
-    assert paged.on_cuda and paged.geometry.device == "cuda"
+    assert paged.on_device and paged.geometry.device == "cuda"
     pool = StagingPool(paged)
     blocks = [5, 9, 40, 63, 0]
     within = [0, TOKENS // chunk - 1, 0, 0, TOKENS // chunk - 1]

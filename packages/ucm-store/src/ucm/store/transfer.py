@@ -38,7 +38,7 @@ class PagedGeometry:
     heads: int
     head_size: int
     chunk_tokens: int
-    device: str = "cpu"  # "cpu", or "cuda" for a cache in the current CUDA device's memory
+    device: str = "cpu"  # "cpu", "cuda" (the current CUDA device) or "npu" (the current Ascend NPU)
 
 
 def cuda_available() -> bool:
@@ -101,6 +101,50 @@ def copy_chunks_cuda(
     )
 
 
+def _ascend_module():
+    try:
+        from ucm.store import _ascend
+    except ImportError:
+        raise RuntimeError(
+            "this ucm-store was built without the Ascend transfer path (the CANN toolkit was not found when it was "
+            "built); source CANN's set_env.sh and reinstall it, with -Ccmake.define.UCM_WITH_ASCEND=ON to require it"
+        ) from None
+    return _ascend
+
+
+def copy_chunks_ascend(
+    to_host: bool,
+    geometry: PagedGeometry,
+    blocks: Sequence[int],
+    token_offsets: Sequence[int],
+    host: int,
+    *,
+    layers: tuple[int, int] | None = None,
+    stream: int = 0,
+) -> None:
+    """Enqueue chunks between a cache in NPU memory and host memory at ``host`` on an ACL ``stream``.
+
+    ``host`` and ``layers`` are as for :func:`copy_chunks_cuda`. One ACL 2-D copy per (layer,
+    K/V, chunk, head). Built only with the CANN toolkit, and not yet run on an NPU by this project.
+    """
+    args = _cache_args(geometry)
+    if layers is not None:
+        begin, end = layers
+        layer_bytes = (
+            2 * len(blocks) * geometry.heads * geometry.chunk_tokens * geometry.head_size * geometry.elem_bytes
+        )
+        args["keys"], args["values"] = args["keys"][begin:end], args["values"][begin:end]
+        host += begin * layer_bytes
+    _ascend_module().copy_chunks(
+        to_host=to_host,
+        blocks=list(blocks),
+        token_offsets=list(token_offsets),
+        host=host,
+        stream=stream,
+        **args,
+    )
+
+
 def _cache_args(geometry: PagedGeometry) -> dict:
     """The geometry as the native copy functions take it (keyword arguments)."""
     return {
@@ -122,8 +166,12 @@ def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, stag
         copy_chunks_cuda(to_staging, geometry, blocks, token_offsets, staging)
         cuda.synchronize(0)
         return
+    if geometry.device == "npu":
+        copy_chunks_ascend(to_staging, geometry, blocks, token_offsets, staging)
+        _ascend_module().synchronize(0)
+        return
     if geometry.device != "cpu":
-        raise ValueError(f"no transfer path for device {geometry.device!r} (have 'cpu' and 'cuda')")
+        raise ValueError(f"no transfer path for device {geometry.device!r} (have 'cpu', 'cuda' and 'npu')")
     _native.copy_chunks(
         to_staging=to_staging,
         blocks=list(blocks),

@@ -33,7 +33,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+try:
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:  # older vLLM (such as the one vllm-ascend pins) has no per-source hit metrics
+    CacheHitSource = None
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -92,7 +96,7 @@ class _Transfer:
 class UcmConnector(KVConnectorBase_V1):
     """Prefix cache beyond device memory: KV chunks persisted to, and loaded from, a UCM store."""
 
-    _cache_hit_source = CacheHitSource.DISK
+    _cache_hit_source = CacheHitSource.DISK if CacheHitSource is not None else None
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -313,14 +317,18 @@ class UcmConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.platforms import current_platform
 
-        layout = "cpu" if current_platform.is_cpu() else "flash"
+        first = next(iter(kv_caches.values()))
+        if isinstance(first, (tuple, list)):
+            layout = "split"  # vllm-ascend: a (K, V) pair per layer
+        else:
+            layout = "cpu" if current_platform.is_cpu() else "flash"
         if layout == "cpu":
             _refuse_packed_cpu_layout(next(iter(kv_caches.values())), self.block_tokens)
         self._paged = PagedKV(kv_caches, layout, self.chunk_tokens)
         self._staging = StagingPool(self._paged)
-        if self._paged.on_cuda:
+        if self._paged.on_device:
             # High priority: the copy's resident kernel gets its few SMs even while compute is queued.
-            self._copy_stream = torch.cuda.Stream(device=self._paged.device, priority=-1)
+            self._copy_stream = self._paged.api.Stream(device=self._paged.device, priority=-1)
             self._layerwise = LayerwiseCopyIn(self._paged, self._copy_stream)
         if self.tp_size > 1:
             from vllm.distributed import get_tensor_model_parallel_rank
@@ -332,12 +340,12 @@ class UcmConnector(KVConnectorBase_V1):
         if self._copying:
             # Blocks still being copied out may be freed and reused by this step: its compute waits
             # for those copies on the device (the host does not wait).
-            torch.cuda.current_stream(self._paged.device).wait_event(self._copying[-1].copied)
+            self._paged.api.current_stream(self._paged.device).wait_event(self._copying[-1].copied)
         meta = self._get_connector_metadata()
         for job in meta.loads:
             shards = [self._shard] * len(job.keys)
             started = time.perf_counter()
-            if self.store.can_load_into and not self._paged.on_cuda:
+            if self.store.can_load_into and not self._paged.on_device:
                 task = self.store.load_into(job.keys, self._paged.target(job.block_ids, job.chunk_in_block), shards)
                 self._loads.append(_Transfer(job, task, started))
                 continue
@@ -365,12 +373,12 @@ class UcmConnector(KVConnectorBase_V1):
         for job in self._get_connector_metadata().saves:
             started = time.perf_counter()
             staging, buffer = self._staging.take(len(job.keys))
-            if self._paged.on_cuda:
+            if self._paged.on_device:
                 # The copy out runs on a side stream once the compute queued so far has written the
                 # KV; the forward pass goes on, and the store gets the chunks when the copy is over.
-                self._copy_stream.wait_stream(torch.cuda.current_stream(self._paged.device))
+                self._copy_stream.wait_stream(self._paged.api.current_stream(self._paged.device))
                 self._paged.copy_async(True, job.block_ids, job.chunk_in_block, staging, self._copy_stream)
-                copied = torch.cuda.Event()
+                copied = self._paged.api.Event()
                 copied.record(self._copy_stream)
                 self._copying.append(_Transfer(job, None, started, staging, buffer, copied))
                 continue
@@ -428,16 +436,16 @@ class UcmConnector(KVConnectorBase_V1):
             )
         good = [i for i, key in enumerate(job.keys) if key not in failed]
         scattered = None
-        if good and transfer.staging is not None and self._paged.on_cuda and not report:
+        if good and transfer.staging is not None and self._paged.on_device and not report:
             # A synchronous load, before this step's forward pass: layer by layer, so each layer's
             # compute waits only for its own copy.
             scattered = self._layerwise.start(job.block_ids, job.chunk_in_block, transfer.staging)
-        elif good and transfer.staging is not None and self._paged.on_cuda:
+        elif good and transfer.staging is not None and self._paged.on_device:
             # On the compute stream, so every later forward pass reads the chunks; failed chunks are
             # copied too (their blocks are reported below and recomputed before anything reads them).
-            stream = torch.cuda.current_stream(self._paged.device)
+            stream = self._paged.api.current_stream(self._paged.device)
             self._paged.copy_async(False, job.block_ids, job.chunk_in_block, transfer.staging, stream)
-            scattered = torch.cuda.Event()
+            scattered = self._paged.api.Event()
             scattered.record(stream)
         elif good and transfer.staging is not None:
             staging = transfer.staging

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ucm.store.transfer import PagedGeometry, copy_chunks_cuda, gather_chunks, paged_target, scatter_chunks
+from ucm.store.transfer import (
+    PagedGeometry,
+    copy_chunks_ascend,
+    copy_chunks_cuda,
+    gather_chunks,
+    paged_target,
+    scatter_chunks,
+)
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -26,8 +33,16 @@ def _layer_order(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, name)
 
 
-def kv_views(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_views(cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V views ``[blocks, heads, block_tokens, head_size]`` of one layer's paged cache."""
+    if layout == "split":
+        # vllm-ascend: separate K and V tensors per layer, each [blocks, block_tokens, heads, head_size].
+        if len(cache) != 2 or any(t.dim() != 4 for t in cache):
+            raise ValueError(
+                "UcmConnector: expected a (K, V) pair of [blocks, tokens, heads, head_size] tensors per layer, got "
+                f"{[tuple(t.shape) for t in cache]}"
+            )
+        return cache[0].permute(0, 2, 1, 3), cache[1].permute(0, 2, 1, 3)
     if layout == "cpu":
         # [blocks, heads, block_tokens, 2 * head_size]; per (block, head): K transposed [D, N], then V [N, D].
         blocks, heads, tokens, double = cache.shape
@@ -72,7 +87,7 @@ class PagedKV:
         if len(strides) != 1 or len(devices) != 1:
             raise ValueError("UcmConnector: every layer's KV cache must share one page layout on one device")
         self.device = devices.pop()
-        if self.device.type not in ("cpu", "cuda"):
+        if self.device.type not in ("cpu", "cuda", "npu"):
             raise ValueError(f"UcmConnector: no transfer path for KV caches on {self.device.type!r}")
         key_strides, value_strides = strides.pop()
         self.geometry = PagedGeometry(
@@ -88,8 +103,14 @@ class PagedKV:
         )
 
     @property
-    def on_cuda(self) -> bool:
-        return self.device.type == "cuda"
+    def on_device(self) -> bool:
+        """The cache is in accelerator memory (CUDA or Ascend), so copies are asynchronous, on streams."""
+        return self.device.type != "cpu"
+
+    @property
+    def api(self):
+        """``torch.cuda`` or ``torch.npu``: streams and events of the cache's device."""
+        return getattr(torch, self.device.type)
 
     def staging_shape(self, count: int) -> tuple[int, ...]:
         return (len(self.views), 2, count, self.heads, self.chunk_tokens, self.head_size)
@@ -109,16 +130,16 @@ class PagedKV:
         """Copy chunks out of the cache into ``staging`` (of ``staging_shape``)."""
         gather_chunks(self.geometry, blocks, self._positions(chunk_in_block), staging.data_ptr())
 
-    def copy_async(self, to_staging: bool, blocks: list[int], chunk_in_block: list[int], staging, stream) -> None:
-        """CUDA caches: enqueue a gather (``to_staging``) or scatter with pinned ``staging`` on ``stream``."""
-        copy_chunks_cuda(
-            to_staging,
-            self.geometry,
-            blocks,
-            self._positions(chunk_in_block),
-            staging.data_ptr(),
-            stream=stream.cuda_stream,
-        )
+    def copy_async(
+        self, to_staging: bool, blocks: list[int], chunk_in_block: list[int], staging, stream, layers=None
+    ) -> None:
+        """Device caches: enqueue a gather (``to_staging``) or scatter with pinned ``staging`` on ``stream``."""
+        if self.device.type == "cuda":
+            copy, handle = copy_chunks_cuda, stream.cuda_stream
+        else:
+            copy, handle = copy_chunks_ascend, stream.npu_stream
+        positions = self._positions(chunk_in_block)
+        copy(to_staging, self.geometry, blocks, positions, staging.data_ptr(), layers=layers, stream=handle)
 
     def scatter(self, blocks: list[int], chunk_in_block: list[int], staging: torch.Tensor) -> None:
         """Copy chunks from ``staging`` into the cache."""
@@ -130,7 +151,7 @@ class PagedKV:
 
 
 class LayerwiseCopyIn:
-    """CUDA caches: chunks from pinned staging into the cache one layer at a time, on a side stream.
+    """Device caches: chunks from pinned staging into the cache one layer at a time, on a side stream.
 
     Each layer's copy is its own launch with its own event, so the forward pass waits (on the
     device, never the host) only for the layer it is about to read: the other layers' copies run
@@ -146,27 +167,18 @@ class LayerwiseCopyIn:
         """Enqueue the copies; return the event after the last one (``staging`` is free after it)."""
         # The blocks may have been read by compute still queued on the current stream (a request
         # that held them before): the copies start after it.
-        self.stream.wait_stream(torch.cuda.current_stream(self.kv.device))
-        positions = self.kv._positions(chunk_in_block)
+        self.stream.wait_stream(self.kv.api.current_stream(self.kv.device))
         event = None
         for layer, name in enumerate(self.kv.layer_names):
-            copy_chunks_cuda(
-                False,
-                self.kv.geometry,
-                blocks,
-                positions,
-                staging.data_ptr(),
-                layers=(layer, layer + 1),
-                stream=self.stream.cuda_stream,
-            )
-            event = torch.cuda.Event()
+            self.kv.copy_async(False, blocks, chunk_in_block, staging, self.stream, layers=(layer, layer + 1))
+            event = self.kv.api.Event()
             event.record(self.stream)
             self._events.setdefault(name, []).append(event)
         return event
 
     def wait_layer(self, name: str) -> None:
         """Make the current stream wait for every copy into layer ``name`` started so far."""
-        current = torch.cuda.current_stream(self.kv.device)
+        current = self.kv.api.current_stream(self.kv.device)
         for event in self._events.pop(name, ()):
             current.wait_event(event)
 
@@ -198,8 +210,8 @@ class StagingPool:
                 del self._idle[index]
                 break
         else:
-            # Pinned for a CUDA cache: the device copies read and write it directly over the bus.
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.kv.on_cuda)
+            # Pinned for a device cache: the device's copy engines read and write it directly.
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.kv.on_device)
         event = self._busy_until.pop(buffer.data_ptr(), None)
         if event is not None:
             event.synchronize()  # a device copy queued earlier may still read it
