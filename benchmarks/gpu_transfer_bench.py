@@ -4,8 +4,8 @@
 For each page shape (an MLA latent page, fp8 K and V pages, bf16 K and V pages), each count of
 scattered blocks and each direction (device to pinned host, and back), the same chunks are moved:
 
-* ``ucm copy engines``: ``ucm.store.transfer.copy_chunks_cuda`` (its default way): small kernels
-  convert pages into a 64 MiB ring of device slots, the copy engines move the slots;
+* ``ucm copy engines``: ``ucm.store.transfer.copy_chunks_cuda`` (its default way): a kernel resident
+  on 8 SMs converts pages into a 64 MiB ring of device slots, the copy engines move the slots;
 * ``ucm kernel``: the same call with ``way="kernel"``: one launch reads or writes the pinned host
   memory directly (no device memory at all);
 * ``cudaMemcpyAsync per page``: one copy-engine copy per (layer, plane, block) page;

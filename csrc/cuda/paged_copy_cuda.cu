@@ -246,15 +246,16 @@ std::string copy_chunks(bool to_host, const std::vector<DeviceLayer>& layers, co
     uint64_t total_units = layer_count * rows_per_layer * (row_bytes / unit);
     uint8_t* host_range = host + layer_begin * rows_per_layer * row_bytes;
 
+    int device = 0;
+    int sms = 1;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+
     Ring* ring = nullptr;
     uint64_t slot_units = kRingBytes / kRingSlots / unit;
     uint32_t pieces = 0;
     if (way == Way::kCopyEngine) {
-        cudaError_t err = ring_for(/*device=*/[] {
-            int d = 0;
-            cudaGetDevice(&d);
-            return d;
-        }(), &ring);
+        cudaError_t err = ring_for(device, &ring);
         if (err != cudaSuccess) return cuda_error("cannot set up the copy-engine ring", err);
         pieces = static_cast<uint32_t>((total_units + slot_units - 1) / slot_units);
     }
@@ -288,10 +289,6 @@ std::string copy_chunks(bool to_host, const std::vector<DeviceLayer>& layers, co
     p.row_units = row_bytes / unit;
     p.planes_per_layer = g.planes;
 
-    int device = 0;
-    int sms = 1;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     auto launch_unit = [&](const RingParams* r, unsigned grid) {
         switch (unit) {
             case 16: return launch<uint4>(to_host, p, host_range, total_units, r, grid, stream);

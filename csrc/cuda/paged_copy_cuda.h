@@ -30,10 +30,10 @@ struct DeviceGeometry {
     size_t planes;  // 2 (K and V) or 1 (MLA)
 };
 
-// How the bytes cross the bus. kCopyEngine: a small kernel converts pages into a ring of device
-// slots (64 MiB in all, per device) and the copy engines move the slots (full bus bandwidth, and
-// no SM ever writes to host memory). kKernel: one kernel reads or writes the pinned host memory
-// directly (no device memory at all).
+// How the bytes cross the bus. kCopyEngine: a kernel resident on a few SMs converts pages into a
+// ring of device slots (64 MiB in all, per device) and the copy engines move the slots (full bus
+// bandwidth, and no SM ever writes to host memory). kKernel: one kernel reads or writes the pinned
+// host memory directly (no device memory at all).
 enum class Way { kCopyEngine, kKernel };
 
 // Moves chunks of layers [layer_begin, layer_end) between the device cache and `host`, a pinned
@@ -41,7 +41,7 @@ enum class Way { kCopyEngine, kKernel };
 // layer range selects a slice of it). Chunk i is tokens [token_offsets[i], + chunk_tokens) of
 // block blocks[i]. Enqueued on `stream` (the copy out of the cache runs after the work already
 // there; `stream` is done when the bytes are); returns at once. `max_blocks` caps the thread
-// blocks of each kernel (0: 16 per ring slot, or enough to fill the device for kKernel).
+// blocks of the kernel (0: 8 for the ring, at most one per SM; enough to fill the device for kKernel).
 // Returns an error text, empty on success.
 std::string copy_chunks(bool to_host, const std::vector<DeviceLayer>& layers, const DeviceGeometry& geometry,
                         const std::vector<int64_t>& blocks, const std::vector<int64_t>& token_offsets, uint8_t* host,

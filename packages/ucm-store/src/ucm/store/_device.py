@@ -116,3 +116,14 @@ def stage(buffers: Sequence[Any], load: bool) -> tuple[list[Any], Callable[[], N
             _POOL.give([pinned for _, pinned, _ in staged])
 
     return out, finish
+
+
+def submit_staged(buffers: Sequence[Any], load: bool, submit: Callable[[list[Any]], Any]) -> tuple[Any, Any]:
+    """``(submit(host buffers), finish)``, with :func:`stage`; if ``submit`` raises, ``finish`` runs first."""
+    host, finish = stage(buffers, load)
+    try:
+        return submit(host), finish
+    except BaseException:
+        if finish is not None:
+            finish()
+        raise

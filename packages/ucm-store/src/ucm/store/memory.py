@@ -17,7 +17,7 @@ from typing import Any
 
 from ucm.store import _native
 from ucm.store._base import KVStore, Option, StoreError
-from ucm.store._device import stage
+from ucm.store._device import submit_staged
 from ucm.store._tasks import NativeTask, raise_failures
 
 log = logging.getLogger(__name__)
@@ -120,23 +120,15 @@ class MemoryStore(KVStore):
 
     # -- transfers -------------------------------------------------------------------------
     def dump(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        buffers, after = stage(buffers, load=False)
-        try:
-            native = self._cache.dump(ids, buffers, shards, dirty=self._backend is not None)
-        except BaseException:
-            if after is not None:
-                after()
-            raise
+        dirty = self._backend is not None
+        native, after = submit_staged(buffers, False, lambda host: self._cache.dump(ids, host, shards, dirty=dirty))
         return NativeTask("dump", native, after)
 
     def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> _TieredLoad:
-        buffers, after = stage(buffers, load=True)
-        try:
-            native, missing = self._cache.load(ids, buffers, shards)
-        except BaseException:
-            if after is not None:
-                after()
-            raise
+        # Misses go to the backend with the same host buffers (pinned copies of device buffers).
+        (native, missing, buffers), after = submit_staged(
+            buffers, True, lambda host: (*self._cache.load(ids, host, shards), host)
+        )
         task = _TieredLoad(ids, NativeTask("load", native), after=after)
         if not missing:
             return task

@@ -16,7 +16,7 @@ from typing import Any
 
 from ucm.store import _native
 from ucm.store._base import KVStore, Option
-from ucm.store._device import stage
+from ucm.store._device import submit_staged
 from ucm.store._tasks import NativeTask, raise_failures
 
 FORMAT_NAME = "ucm-store"
@@ -67,13 +67,8 @@ class PosixStore(KVStore):
         return self._transfer("load", ids, buffers, shards)
 
     def _transfer(self, op: str, ids, buffers, shards) -> NativeTask:
-        buffers, after = stage(buffers, load=op == "load")
-        try:
-            native = (self._native.load if op == "load" else self._native.dump)(ids, buffers, shards)
-        except BaseException:
-            if after is not None:
-                after()
-            raise
+        submit = self._native.load if op == "load" else self._native.dump
+        native, after = submit_staged(buffers, op == "load", lambda host: submit(ids, host, shards))
         return NativeTask(op, native, after)
 
     can_load_into = True

@@ -8,9 +8,10 @@ transposed K) in the same pass. Addresses and strides are plain integers, so no 
 needed here.
 
 Caches in CUDA memory (``PagedGeometry.device == "cuda"``) go through the CUDA transfer path
-(``csrc/cuda``, built when CMake finds a CUDA toolkit): one kernel per call moves every chunk of a
-layer range between the device pages and pinned host memory, reading or writing the host side
-directly over the bus, on a stream the caller chooses.
+(``csrc/cuda``, built when CMake finds a CUDA toolkit): one call moves every chunk of a layer range
+between the device pages and pinned host memory, on a stream the caller chooses, through the copy
+engines (by default) or a kernel reading and writing host memory directly. Caches in Ascend NPU
+memory (``"npu"``) go through ACL (``csrc/ascend``, built when the CANN toolkit is found).
 
 Stores that can (``KVStore.can_load_into``) also load straight into a host cache: a
 :func:`paged_target` lists where each chunk goes, and ``store.load_into(ids, target)`` reads each
@@ -20,6 +21,7 @@ staging buffer at all.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,24 +43,36 @@ class PagedGeometry:
     device: str = "cpu"  # "cpu", "cuda" (the current CUDA device) or "npu" (the current Ascend NPU)
 
 
+#: Optional native modules of ucm.store: device kind -> (module, what to do when it is missing).
+_BACKENDS = {
+    "cuda": (
+        "_cuda",
+        "this ucm-store was built without the CUDA transfer path (no CUDA toolkit was found when it was built); "
+        "reinstall it with nvcc on PATH, or with -Ccmake.define.UCM_WITH_CUDA=ON to require it",
+    ),
+    "npu": (
+        "_ascend",
+        "this ucm-store was built without the Ascend transfer path (the CANN toolkit was not found when it was "
+        "built); source CANN's set_env.sh and reinstall it, with -Ccmake.define.UCM_WITH_ASCEND=ON to require it",
+    ),
+}
+
+
+def _backend(device: str):
+    """The native transfer module for a device kind; RuntimeError saying how to get it when it was not built."""
+    module, missing = _BACKENDS[device]
+    try:
+        return importlib.import_module(f"ucm.store.{module}")
+    except ImportError:
+        raise RuntimeError(missing) from None
+
+
 def cuda_available() -> bool:
     """True when this build has the CUDA transfer path and a CUDA device is visible."""
     try:
-        from ucm.store import _cuda
-    except ImportError:
+        return _backend("cuda").device_count() > 0
+    except RuntimeError:
         return False
-    return _cuda.device_count() > 0
-
-
-def _cuda_module():
-    try:
-        from ucm.store import _cuda
-    except ImportError:
-        raise RuntimeError(
-            "this ucm-store was built without the CUDA transfer path (no CUDA toolkit was found when it was "
-            "built); reinstall it with nvcc on PATH, or with -Ccmake.define.UCM_WITH_CUDA=ON to require it"
-        ) from None
-    return _cuda
 
 
 def copy_chunks_cuda(
@@ -81,13 +95,13 @@ def copy_chunks_cuda(
     ``torch.cuda.Stream().cuda_stream``) after the work already queued there; synchronise the
     stream (or an event recorded after it) before reading ``host`` or the cache.
 
-    ``way="copy-engine"`` (the default): small kernels convert pages through a 64 MiB ring of
-    device slots and the copy engines cross the bus; ``way="kernel"``: one kernel reads or writes
-    the pinned memory directly, using no device memory. ``max_blocks`` caps each kernel's thread
-    blocks (0: 16 per slot for the ring, the whole GPU for ``"kernel"``).
+    ``way="copy-engine"`` (the default): a kernel resident on a few SMs converts pages into a
+    64 MiB ring of device slots and the copy engines cross the bus; ``way="kernel"``: one kernel
+    reads or writes the pinned memory directly, using no device memory. ``max_blocks`` caps the
+    kernel's thread blocks (0: 8 for the ring, the whole GPU for ``"kernel"``).
     """
     begin, end = layers if layers is not None else (0, len(geometry.keys))
-    _cuda_module().copy_chunks(
+    _backend("cuda").copy_chunks(
         to_host=to_host,
         blocks=list(blocks),
         token_offsets=list(token_offsets),
@@ -99,17 +113,6 @@ def copy_chunks_cuda(
         way=way,
         **_cache_args(geometry),
     )
-
-
-def _ascend_module():
-    try:
-        from ucm.store import _ascend
-    except ImportError:
-        raise RuntimeError(
-            "this ucm-store was built without the Ascend transfer path (the CANN toolkit was not found when it was "
-            "built); source CANN's set_env.sh and reinstall it, with -Ccmake.define.UCM_WITH_ASCEND=ON to require it"
-        ) from None
-    return _ascend
 
 
 def copy_chunks_ascend(
@@ -135,7 +138,7 @@ def copy_chunks_ascend(
         )
         args["keys"], args["values"] = args["keys"][begin:end], args["values"][begin:end]
         host += begin * layer_bytes
-    _ascend_module().copy_chunks(
+    _backend("npu").copy_chunks(
         to_host=to_host,
         blocks=list(blocks),
         token_offsets=list(token_offsets),
@@ -162,13 +165,12 @@ def _cache_args(geometry: PagedGeometry) -> dict:
 def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, staging: int) -> None:
     if geometry.device == "cuda":
         # Synchronous, like the host path: enqueue on the default stream and wait for it.
-        cuda = _cuda_module()
         copy_chunks_cuda(to_staging, geometry, blocks, token_offsets, staging)
-        cuda.synchronize(0)
+        _backend("cuda").synchronize(0)
         return
     if geometry.device == "npu":
         copy_chunks_ascend(to_staging, geometry, blocks, token_offsets, staging)
-        _ascend_module().synchronize(0)
+        _backend("npu").synchronize(0)
         return
     if geometry.device != "cpu":
         raise ValueError(f"no transfer path for device {geometry.device!r} (have 'cpu', 'cuda' and 'npu')")

@@ -435,23 +435,9 @@ class UcmConnector(KVConnectorBase_V1):
                 exc,
             )
         good = [i for i, key in enumerate(job.keys) if key not in failed]
-        scattered = None
-        if good and transfer.staging is not None and self._paged.on_device and not report:
-            # A synchronous load, before this step's forward pass: layer by layer, so each layer's
-            # compute waits only for its own copy.
-            scattered = self._layerwise.start(job.block_ids, job.chunk_in_block, transfer.staging)
-        elif good and transfer.staging is not None and self._paged.on_device:
-            # On the compute stream, so every later forward pass reads the chunks; failed chunks are
-            # copied too (their blocks are reported below and recomputed before anything reads them).
-            stream = self._paged.api.current_stream(self._paged.device)
-            self._paged.copy_async(False, job.block_ids, job.chunk_in_block, transfer.staging, stream)
-            scattered = self._paged.api.Event()
-            scattered.record(stream)
-        elif good and transfer.staging is not None:
-            staging = transfer.staging
-            if len(good) < len(job.keys):
-                staging = staging.index_select(2, torch.tensor(good, dtype=torch.long))
-            self._paged.scatter([job.block_ids[i] for i in good], [job.chunk_in_block[i] for i in good], staging)
+        copied_in = None
+        if good and transfer.staging is not None:
+            copied_in = self._copy_in(job, good, transfer.staging, before_forward=not report)
         # A chunk loaded straight into the cache may have left bytes there before it failed: its
         # whole block is reported, so vLLM recomputes it.
         self._failed_blocks.update(job.block_ids[i] for i, key in enumerate(job.keys) if key in failed)
@@ -462,9 +448,29 @@ class UcmConnector(KVConnectorBase_V1):
             load_seconds=time.perf_counter() - transfer.started,
         )
         if transfer.buffer is not None:
-            self._staging.give(transfer.buffer, scattered)
+            self._staging.give(transfer.buffer, copied_in)
         if report:
             self._finished_loads.add(job.req_id)
+
+    def _copy_in(self, job: ChunkJob, good: list[int], staging: torch.Tensor, before_forward: bool) -> Any:
+        """Copy a staged load into the cache; return the device event after it (None on the host)."""
+        if not self._paged.on_device:
+            if len(good) < len(job.keys):
+                staging = staging.index_select(2, torch.tensor(good, dtype=torch.long))
+            self._paged.scatter([job.block_ids[i] for i in good], [job.chunk_in_block[i] for i in good], staging)
+            return None
+        # Device caches copy failed chunks too: their blocks are reported and recomputed before
+        # anything reads them.
+        if before_forward:
+            # A synchronous load, before this step's forward pass: layer by layer, so each layer's
+            # compute waits only for its own copy.
+            return self._layerwise.start(job.block_ids, job.chunk_in_block, staging)
+        # On the compute stream, so every later forward pass reads the chunks.
+        stream = self._paged.api.current_stream(self._paged.device)
+        self._paged.copy_async(False, job.block_ids, job.chunk_in_block, staging, stream)
+        copied_in = self._paged.api.Event()
+        copied_in.record(stream)
+        return copied_in
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._dump_copied(block=False)

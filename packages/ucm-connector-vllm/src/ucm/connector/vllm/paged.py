@@ -199,37 +199,34 @@ class StagingPool:
     def __init__(self, kv: PagedKV, keep: int = 4):
         self.kv = kv
         self.keep = keep
-        self._idle: list[torch.Tensor] = []  # flat byte buffers, smallest first
-        self._busy_until: dict[int, Any] = {}  # buffer address -> CUDA event of the last copy using it
+        # Flat byte buffers, smallest first, each with the device event after the last copy that
+        # used it (None when none did).
+        self._idle: list[tuple[torch.Tensor, Any]] = []
 
     def take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(staging, buffer)``: a ``staging_shape(count)`` tensor over ``buffer``, reused when one is large enough."""
         nbytes = count * self.kv.chunk_bytes
-        for index, buffer in enumerate(self._idle):
+        for index, (buffer, busy_until) in enumerate(self._idle):
             if buffer.numel() >= nbytes:
                 del self._idle[index]
+                if busy_until is not None:
+                    busy_until.synchronize()  # a device copy queued earlier may still use it
                 break
         else:
             # Pinned for a device cache: the device's copy engines read and write it directly.
             buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.kv.on_device)
-        event = self._busy_until.pop(buffer.data_ptr(), None)
-        if event is not None:
-            event.synchronize()  # a device copy queued earlier may still read it
         return buffer[:nbytes].view(self.kv.dtype).view(self.kv.staging_shape(count)), buffer
 
     def give(self, buffer: torch.Tensor, busy_until: Any = None) -> None:
-        """Return a buffer from :meth:`take` once no host code uses it; ``busy_until``: the CUDA event after
-        the last device copy queued on it (it is not handed out again before that event)."""
-        if busy_until is not None:
-            self._busy_until[buffer.data_ptr()] = busy_until
-        self._idle.append(buffer)
-        self._idle.sort(key=torch.Tensor.numel)
-        for dropped in self._idle[: max(0, len(self._idle) - self.keep)]:
-            event = self._busy_until.pop(dropped.data_ptr(), None)
-            if event is not None:
-                event.synchronize()
-        del self._idle[: max(0, len(self._idle) - self.keep)]
+        """Return a buffer from :meth:`take` once no host code uses it; ``busy_until``: the device event after
+        the last copy queued on it (it is not handed out again before that event)."""
+        self._idle.append((buffer, busy_until))
+        self._idle.sort(key=lambda entry: entry[0].numel())
+        while len(self._idle) > self.keep:
+            _, dropped_busy_until = self._idle.pop(0)
+            if dropped_busy_until is not None:
+                dropped_busy_until.synchronize()  # the memory is freed once dropped
 
     @property
     def idle_bytes(self) -> int:
-        return sum(flat.numel() for flat in self._idle)
+        return sum(buffer.numel() for buffer, _ in self._idle)
