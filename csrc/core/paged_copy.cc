@@ -1,5 +1,6 @@
 #include "paged_copy.h"
 
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -11,9 +12,52 @@
 namespace ucm {
 namespace {
 
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Copies into the paged cache. Its lines are written whole and not read again before the next
+// forward pass, so streaming (non-temporal) stores skip reading each destination line first and
+// leave the CPU cache to the data being copied: a third less memory traffic than a plain copy.
+// Callers issue store_fence() before the copied bytes may be read by another thread.
+inline void copy_into_cache(void* dst, const void* src, size_t size) {
 #if defined(__SSE2__)
-// out row d = column d of the 8 x 8 block of 16-bit elements at in (rows `in_stride` apart).
-inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out, int64_t out_stride) {
+    if (size >= 256 && aligned16(dst) && size % 64 == 0) {
+        auto* out = static_cast<__m128i*>(dst);
+        const auto* in = static_cast<const __m128i*>(src);
+        for (size_t i = 0; i < size / 16; i += 4) {
+            __m128i a = _mm_loadu_si128(in + i);
+            __m128i b = _mm_loadu_si128(in + i + 1);
+            __m128i c = _mm_loadu_si128(in + i + 2);
+            __m128i d = _mm_loadu_si128(in + i + 3);
+            _mm_stream_si128(out + i, a);
+            _mm_stream_si128(out + i + 1, b);
+            _mm_stream_si128(out + i + 2, c);
+            _mm_stream_si128(out + i + 3, d);
+        }
+        return;
+    }
+#endif
+    std::memcpy(dst, src, size);
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+#if defined(__SSE2__)
+inline void store_row(__m128i* out, __m128i value, bool stream) {
+    if (stream) {
+        _mm_stream_si128(out, value);
+    } else {
+        _mm_storeu_si128(out, value);
+    }
+}
+
+// out row d = column d of the 8 x 8 block of 16-bit elements at in (rows `in_stride` apart);
+// `stream`: out and its rows are 16-byte aligned and take streaming stores.
+inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out, int64_t out_stride,
+                          bool stream = false) {
     __m128i r[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
     __m128i a[8];
@@ -34,9 +78,9 @@ inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out, 
     // b[0] = rows 0..3 of columns 0, 1; b[1] columns 2, 3; b[2] columns 4, 5; b[3] columns 6, 7;
     // b[4..7] the same for rows 4..7.
     for (int i = 0; i < 4; ++i) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * i) * out_stride), _mm_unpacklo_epi64(b[i], b[4 + i]));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * i + 1) * out_stride),
-                         _mm_unpackhi_epi64(b[i], b[4 + i]));
+        store_row(reinterpret_cast<__m128i*>(out + (2 * i) * out_stride), _mm_unpacklo_epi64(b[i], b[4 + i]), stream);
+        store_row(reinterpret_cast<__m128i*>(out + (2 * i + 1) * out_stride), _mm_unpackhi_epi64(b[i], b[4 + i]),
+                  stream);
     }
 }
 #endif
@@ -51,13 +95,14 @@ bool copy_transposed_fast(bool to_staging, T* cache, int64_t dim_stride, T* tile
         auto* c = reinterpret_cast<uint16_t*>(cache);
         auto* s = reinterpret_cast<uint16_t*>(tile);
         int64_t row = static_cast<int64_t>(dims);
+        bool stream = !to_staging && aligned16(c) && (dim_stride * 2) % 16 == 0;
         // Walk the cache side row by row (one dim, all tokens) so its lines are written whole.
         for (size_t d = 0; d < dims; d += 8) {
             for (size_t t = 0; t < tokens; t += 8) {
                 if (to_staging) {
                     transpose_8x8(c + d * dim_stride + t, dim_stride, s + t * dims + d, row);
                 } else {
-                    transpose_8x8(s + t * dims + d, row, c + d * dim_stride + t, dim_stride);
+                    transpose_8x8(s + t * dims + d, row, c + d * dim_stride + t, dim_stride, stream);
                 }
             }
         }
@@ -79,7 +124,7 @@ void copy_tile(bool to_staging, T* cache, int64_t token_stride, int64_t dim_stri
             if (to_staging) {
                 std::memcpy(tile, cache, tokens * dims * sizeof(T));
             } else {
-                std::memcpy(cache, tile, tokens * dims * sizeof(T));
+                copy_into_cache(cache, tile, tokens * dims * sizeof(T));
             }
             return;
         }
@@ -88,7 +133,7 @@ void copy_tile(bool to_staging, T* cache, int64_t token_stride, int64_t dim_stri
             if (to_staging) {
                 std::memcpy(tile + t * dims, row, dims * sizeof(T));
             } else {
-                std::memcpy(row, tile + t * dims, dims * sizeof(T));
+                copy_into_cache(row, tile + t * dims, dims * sizeof(T));
             }
         }
         return;
@@ -137,6 +182,7 @@ void scatter_tiles(const std::vector<PagedLayer>& layers, const PagedGeometry& g
         T* tile = const_cast<T*>(reinterpret_cast<const T*>(data)) + t * tile_elems;
         copy_tile(false, cache, s[2], s[3], tile, g.chunk_tokens, g.head_size);
     }
+    store_fence();
 }
 
 template <typename T>
@@ -159,6 +205,7 @@ void copy_all(bool to_staging, const std::vector<PagedLayer>& layers, const Page
                 copy_tile(to_staging, cache + h * s[1], s[2], s[3], out + h * tile, g.chunk_tokens, g.head_size);
             }
         }
+        store_fence();
     });
 }
 

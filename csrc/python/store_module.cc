@@ -22,6 +22,7 @@
 #include "paged_cache.h"
 #include "paged_copy.h"
 #include "posix_store.h"
+#include "redis_store.h"
 #include "task.h"
 
 namespace py = pybind11;
@@ -282,6 +283,117 @@ private:
     std::unique_ptr<ucm::PosixStore> store_;
 };
 
+// The `redis` store: the same transfers as posix, over connections to a Redis or Valkey server.
+class PyRedisStore {
+public:
+    PyRedisStore(const py::dict& endpoint, std::string prefix, uint32_t num_shards, size_t threads, uint64_t ttl_s,
+                 uint64_t shard_bytes)
+        : num_shards_(num_shards), shard_bytes_(shard_bytes) {
+        ucm::RedisStoreConfig config;
+        config.endpoint.host = endpoint["host"].cast<std::string>();
+        config.endpoint.port = endpoint["port"].cast<int>();
+        config.endpoint.unix_socket = endpoint["unix_socket"].cast<std::string>();
+        config.endpoint.username = endpoint["username"].cast<std::string>();
+        config.endpoint.password = endpoint["password"].cast<std::string>();
+        config.endpoint.db = endpoint["db"].cast<int>();
+        config.endpoint.timeout_s = endpoint["timeout_s"].cast<double>();
+        config.prefix = std::move(prefix);
+        config.num_shards = num_shards;
+        config.threads = threads;
+        config.ttl_s = ttl_s;
+        std::string error;
+        {
+            py::gil_scoped_release release;
+            try {
+                store_ = std::make_unique<ucm::RedisStore>(std::move(config));
+            } catch (const std::exception& exc) {
+                error = exc.what();
+            }
+        }
+        if (!error.empty()) throw py::value_error(error);
+    }
+
+    // Returns (found, error): an unreachable server gives misses and says why.
+    py::tuple lookup(const py::sequence& ids) {
+        std::vector<std::string> keys = to_ids(ids);
+        std::vector<uint8_t> found;
+        std::string error;
+        {
+            py::gil_scoped_release release;
+            found = store_->lookup(keys, &error);
+        }
+        return py::make_tuple(to_bool_list(found), error);
+    }
+
+    py::tuple lookup_prefix(const py::sequence& ids) {
+        std::vector<std::string> keys = to_ids(ids);
+        size_t count = 0;
+        std::string error;
+        {
+            py::gil_scoped_release release;
+            count = store_->lookup_prefix(keys, &error);
+        }
+        return py::make_tuple(count, error);
+    }
+
+    PyTask transfer(const py::sequence& ids, const py::sequence& buffers, const py::object& shards, bool load) {
+        auto keep = std::make_unique<Keepalive>();
+        auto items = to_items(ids, buffers, shards, num_shards_, shard_bytes_, load, *keep);
+        ucm::TaskPtr task;
+        {
+            py::gil_scoped_release release;
+            task = load ? store_->load(std::move(items)) : store_->dump(std::move(items));
+        }
+        return PyTask(std::move(task), std::move(keep));
+    }
+
+    PyTask load_into(const py::sequence& ids, const py::object& sink_object, const py::object& shards) {
+        auto& sink = sink_object.cast<ucm::PagedScatter&>();
+        size_t count = py::len(ids);
+        if (count != sink.count()) {
+            throw py::value_error("got " + std::to_string(count) + " ids but the target holds " +
+                                  std::to_string(sink.count()) + " chunks");
+        }
+        if (shard_bytes_ != 0 && sink.chunk_bytes() != shard_bytes_) {
+            throw py::value_error("the target's chunks hold " + std::to_string(sink.chunk_bytes()) +
+                                  " bytes but shard_bytes is " + std::to_string(shard_bytes_));
+        }
+        std::vector<uint32_t> shard_of = to_shards(shards, count, num_shards_);
+        std::vector<ucm::ShardIO> items(count);
+        for (size_t i = 0; i < count; ++i) {
+            items[i].id = to_id(ids[i], i);
+            items[i].shard = shard_of[i];
+            items[i].sink = &sink;
+            items[i].sink_item = i;
+            items[i].sink_bytes = sink.chunk_bytes();
+        }
+        auto keep = std::make_unique<Keepalive>();
+        keep->objects.push_back(sink_object);
+        ucm::TaskPtr task;
+        {
+            py::gil_scoped_release release;
+            task = store_->load(std::move(items));
+        }
+        return PyTask(std::move(task), std::move(keep));
+    }
+
+    std::string remove(const py::sequence& ids) {
+        auto keys = to_ids(ids);
+        py::gil_scoped_release release;
+        return store_->remove(keys);
+    }
+
+    void close() {
+        py::gil_scoped_release release;
+        store_->close();
+    }
+
+private:
+    uint32_t num_shards_;
+    uint64_t shard_bytes_;
+    std::unique_ptr<ucm::RedisStore> store_;
+};
+
 class PyMemoryCache {
 public:
     PyMemoryCache(uint64_t capacity_bytes, uint32_t num_shards, size_t threads, uint64_t write_behind_bytes,
@@ -416,6 +528,19 @@ PYBIND11_MODULE(_native, m) {
             py::gil_scoped_release release;
             s.store().close();
         });
+
+    py::class_<PyRedisStore>(m, "RedisStore")
+        .def(py::init<const py::dict&, std::string, uint32_t, size_t, uint64_t, uint64_t>(), py::arg("endpoint"),
+             py::arg("prefix"), py::arg("num_shards"), py::arg("threads"), py::arg("ttl_s"), py::arg("shard_bytes"))
+        .def("lookup", &PyRedisStore::lookup)
+        .def("lookup_prefix", &PyRedisStore::lookup_prefix)
+        .def("dump", [](PyRedisStore& s, const py::sequence& ids, const py::sequence& buffers,
+                        const py::object& shards) { return s.transfer(ids, buffers, shards, false); })
+        .def("load", [](PyRedisStore& s, const py::sequence& ids, const py::sequence& buffers,
+                        const py::object& shards) { return s.transfer(ids, buffers, shards, true); })
+        .def("load_into", &PyRedisStore::load_into, py::arg("ids"), py::arg("sink"), py::arg("shards"))
+        .def("remove", &PyRedisStore::remove)
+        .def("close", &PyRedisStore::close);
 
     py::class_<PyMemoryCache>(m, "MemoryCache")
         .def(py::init<uint64_t, uint32_t, size_t, uint64_t, uint64_t>(), py::arg("capacity_bytes"),

@@ -24,7 +24,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 # The test modules import connectortest and engine_run from here, whatever pytest's import mode;
 # benchmarks/models.py builds the model.
-for path in (HERE, HERE.parents[1] / "benchmarks"):
+for path in (HERE, HERE.parents[1] / "benchmarks", HERE.parent / "store"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
@@ -56,6 +56,16 @@ def tiny_model(tmp_path_factory) -> str:
     return build(str(tmp_path_factory.mktemp("tiny-model")), "tiny")
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis server shared by the engines of every run (tests/store/redisserver.py)."""
+    from redisserver import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
 #: Stores that ``second_run`` damages before its engines read them.
 DAMAGED = ["corrupt-half", "corrupt-half-sync", "corrupt-all", "unreadable"]
 DAMAGED += ["truncated-race", "deleted-race", "wiped-half", "corrupt-half-staged"]
@@ -84,7 +94,7 @@ SINGLE_PHASE = [ct.phase("single", ct.SINGLE)]
 
 
 @pytest.fixture(scope="session")
-def first_run(tiny_model, stores, tmp_path_factory) -> dict[str, dict]:
+def first_run(tiny_model, stores, redis_server, tmp_path_factory) -> dict[str, dict]:
     m = tiny_model
     base32_phases = COLD32_PHASES[:2] + [ct.phase("doc", [ct.DOC_QUESTION, ct.DOC_OTHER_QUESTION])] + COLD32_PHASES[3:]
     specs = [
@@ -95,6 +105,7 @@ def first_run(tiny_model, stores, tmp_path_factory) -> dict[str, dict]:
         ct.engine("cold128-chunk32", m, 128, SINGLE_PHASE, stores["chunk32-by-block128"], chunk_tokens=32),
         ct.engine("producer", m, 32, SINGLE_PHASE, stores["producer"], role="kv_producer"),
         ct.engine("consumer-empty", m, 32, SINGLE_PHASE, stores["empty"], role="kv_consumer"),
+        ct.engine("redis-cold", m, 32, SINGLE_PHASE, **ct.on_redis(redis_server, "engines:")),
         ct.engine("unknown-key", m, 32, [], stores["empty"], chunk_token=32, expect_error=True),
         ct.engine("chunk-not-dividing", m, 32, [], stores["empty"], chunk_tokens=24, expect_error=True),
     ]
@@ -102,7 +113,7 @@ def first_run(tiny_model, stores, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="session")
-def second_run(tiny_model, stores, first_run, tmp_path_factory) -> dict[str, dict]:
+def second_run(tiny_model, stores, first_run, redis_server, tmp_path_factory) -> dict[str, dict]:
     m = tiny_model
     # Copies of the producer's store, which holds exactly the chunks of SINGLE, most of them damaged.
     for name in DAMAGED + ["sync", "staged"]:
@@ -143,6 +154,18 @@ def second_run(tiny_model, stores, first_run, tmp_path_factory) -> dict[str, dic
         ct.engine("truncated-race", m, 32, SINGLE_PHASE, stores["truncated-race"], sabotage="truncate"),
         ct.engine("deleted-race", m, 32, SINGLE_PHASE, stores["deleted-race"], sabotage="delete"),
         ct.engine("wiped-half", m, 32, SINGLE_PHASE, stores["wiped-half"]),
+        # Another engine process on the Redis server the cold one wrote to.
+        ct.engine("redis-warm", m, 32, SINGLE_PHASE, **ct.on_redis(redis_server, "engines:")),
+        # Last: the server restarts (empty) between the first lookup that hits and its load.
+        ct.engine(
+            "redis-restart",
+            m,
+            32,
+            SINGLE_PHASE,
+            sabotage="redis-restart",
+            redis=redis_server.spec(),
+            **ct.on_redis(redis_server, "engines:"),
+        ),
     ]
     return ct.run_engines(specs, tmp_path_factory.mktemp("second-run"))
 

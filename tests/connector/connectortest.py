@@ -61,19 +61,21 @@ def engine(
     role: str = "kv_both",
     **extra,
 ) -> dict:
-    """An engine spec for ``engine_run.py``; without ``root``, an engine without the connector.
+    """An engine spec for ``engine_run.py``; without ``root`` (or a ``store`` in ``extra``), an engine
+    without the connector.
 
     ``extra``: ``module_path``, ``sabotage``, ``expect_error``, and the rest goes to
     ``kv_connector_extra_config`` (``store_config`` defaults to the posix ``root``).
     """
     spec = {"name": name, "model": model, "block_size": block_size, "phases": phases, **ENGINE}
-    for key in ("sabotage", "expect_error"):
+    for key in ("sabotage", "expect_error", "redis"):
         if key in extra:
             spec[key] = extra.pop(key)
-    if root is not None:
+    if root is not None or "store" in extra:
         module_path = extra.pop("module_path", None)
-        extra.setdefault("store_config", {"root": str(root)})
-        spec["store_root"] = str(root)
+        if root is not None:
+            extra.setdefault("store_config", {"root": str(root)})
+            spec["store_root"] = str(root)
         spec["connector"] = {"kv_role": role, "extra_config": extra, "module_path": module_path}
     return spec
 
@@ -82,6 +84,11 @@ def memory_in_front(root: Path) -> dict:
     """Connector settings for a ``memory`` store over a ``posix`` one at ``root``."""
     backend = {"name": "posix", "config": {"root": str(root)}}
     return {"store": "memory", "store_config": {"capacity_bytes": 1 << 30, "backend": backend}}
+
+
+def on_redis(server, prefix: str) -> dict:
+    """Connector settings for the ``redis`` store on ``server`` (tests/store/redisserver.py), keys under ``prefix``."""
+    return {"store": "redis", "store_config": {"url": server.url, "prefix": prefix}}
 
 
 def run_engines(specs: list[dict], workdir: Path, env: dict[str, str] | None = None) -> dict[str, dict]:
@@ -155,8 +162,25 @@ def assert_same_outputs(run: EngineResult, baseline: EngineResult, phase_name: s
     got = run.outputs(phase_name)
     want = baseline.outputs(phase_name)
     assert got, f"phase {phase_name} produced no outputs"
+    cached = {tuple(o["prompt"]): o["num_cached_tokens"] for o in run.phases[phase_name]["outputs"]}
     for prompt, output in got.items():
-        assert output == want[prompt], f"{len(prompt)}-token prompt of phase {phase_name}: output differs from baseline"
+        if output != want[prompt]:
+            position = next(
+                (
+                    i
+                    for i, pair in enumerate(zip(output["logprobs"], want[prompt]["logprobs"], strict=False))
+                    if pair[0] != pair[1]
+                ),
+                None,
+            )
+            raise AssertionError(
+                f"{len(prompt)}-token prompt of phase {phase_name} (engine {run.raw['name']}, {cached[prompt]} prompt "
+                f"tokens not computed): output differs from baseline from output position {position}: "
+                f"tokens {output['tokens']} vs {want[prompt]['tokens']}, logprobs there "
+                f"{output['logprobs'][position] if position is not None else None} vs "
+                f"{want[prompt]['logprobs'][position] if position is not None else None}; "
+                f"every prompt's cached tokens: {sorted((len(p), c) for p, c in cached.items())}"
+            )
 
 
 def assert_loaded_every_full_chunk(run: EngineResult, phase_name: str, prompts, chunk: int) -> None:

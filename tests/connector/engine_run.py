@@ -16,7 +16,8 @@ store links one to the next. An engine:
 ``sabotage``
     ``"truncate"`` or ``"delete"``: the first time a lookup finds chunks in the store, every block
     file under ``store_root`` is cut in half or removed before the load starts, as another process
-    damaging or evicting blocks at that moment would.
+    damaging or evicting blocks at that moment would. ``"redis-restart"``: the Redis server
+    described by ``redis`` is shut down and a new, empty one started on its port at that moment.
 ``expect_error``
     the engine must fail to start; its result is the error instead of outputs.
 
@@ -59,7 +60,7 @@ def block_files(root: str | Path | None) -> list[Path]:
 
 
 @contextlib.contextmanager
-def sabotage(action: str | None, root: str | None):
+def sabotage(action: str | None, root: str | None, redis: dict | None = None):
     """Damage the store right after the first lookup that finds chunks, before their load is submitted."""
     if not action:
         yield
@@ -74,6 +75,11 @@ def sabotage(action: str | None, root: str | None):
         result = lookup(self, request, num_computed_tokens)
         if not done and result[0]:
             done = True
+            if action == "redis-restart":
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
+                from redisserver import restart_server
+
+                restart_server(redis)
             for path in block_files(root):
                 if action == "delete":
                     path.unlink()
@@ -226,7 +232,7 @@ def main(spec_path: str, result_path: str) -> None:
     with open(result_path, "w") as results:
         for spec in engines:
             try:
-                with sabotage(spec.get("sabotage"), spec.get("store_root")):
+                with sabotage(spec.get("sabotage"), spec.get("store_root"), spec.get("redis")):
                     result = run_engine(spec, results)
             except Exception:
                 result = {"crash": traceback.format_exc()}

@@ -12,7 +12,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from storetest import STORE_KINDS, store_config  # noqa: E402
+from storetest import REDIS_URL_ENV, STORE_KINDS, store_config  # noqa: E402
 
 
 @pytest.fixture
@@ -36,8 +36,23 @@ def open_test_store(tmp_path):
         store.close()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis server for the whole session (tests that restart one start their own)."""
+    import os
+
+    from redisserver import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    os.environ[REDIS_URL_ENV] = server.url
+    yield server
+    server.stop()
+
+
 @pytest.fixture(params=STORE_KINDS)
 def store_kind(request):
+    if "redis" in request.param:
+        request.getfixturevalue("redis_server")
     return request.param
 
 

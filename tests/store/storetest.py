@@ -184,7 +184,10 @@ def load_entries(store, entries: Sequence[Entry], kinds: Sequence[str] = ("bytea
 # -- store configurations ------------------------------------------------------------------
 
 #: Every store configuration the contract tests run against.
-STORE_KINDS = ("posix", "memory", "memory+posix", "example-dict", "memory+example-dict")
+STORE_KINDS = ("posix", "memory", "memory+posix", "example-dict", "memory+example-dict", "redis", "memory+redis")
+
+#: Set by the ``redis_server`` fixture (tests/store/conftest.py); child processes inherit it.
+REDIS_URL_ENV = "UCM_TEST_REDIS_URL"
 
 MEMORY_CAPACITY = 256 << 20
 
@@ -195,6 +198,9 @@ def store_config(kind: str, root: Path, num_shards: int = 1, **options) -> tuple
         return "posix", {"root": str(root), "num_shards": num_shards, **options}
     if kind == "example-dict":
         return "example-dict", {"num_shards": num_shards, **options}
+    if kind == "redis":
+        # The root's path keeps the keys of one test apart from every other test's.
+        return "redis", {"url": os.environ[REDIS_URL_ENV], "prefix": f"{root}:", "num_shards": num_shards, **options}
     if kind == "memory":
         return "memory", {"capacity_bytes": MEMORY_CAPACITY, "num_shards": num_shards, **options}
     if kind.startswith("memory+"):

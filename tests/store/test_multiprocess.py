@@ -1,4 +1,4 @@
-"""Several processes sharing one posix root, directly or through their own memory stores."""
+"""Several processes sharing one posix root or one Redis server, directly or through their own memory stores."""
 
 from __future__ import annotations
 
@@ -52,9 +52,16 @@ def read_in_child(kind: str, root, tag: str, count: int, num_shards: int) -> dic
 
 
 @pytest.mark.parametrize("num_shards", [1, 2])
-@pytest.mark.parametrize("reader_kind", ["posix", "memory+posix"])
-def test_another_process_reads_what_this_one_wrote(open_test_store, tmp_path, num_shards, reader_kind):
-    store = open_test_store("posix", num_shards)
+@pytest.mark.parametrize(
+    ("writer_kind", "reader_kind"),
+    [("posix", "posix"), ("posix", "memory+posix"), ("redis", "redis"), ("redis", "memory+redis")],
+)
+def test_another_process_reads_what_this_one_wrote(
+    open_test_store, tmp_path, request, num_shards, writer_kind, reader_kind
+):
+    if writer_kind == "redis":
+        request.getfixturevalue("redis_server")
+    store = open_test_store(writer_kind, num_shards)
     entries = make_entries(block_ids(200, "handover"), num_shards)
     dump_entries(store, entries, AVAILABLE_KINDS, parts=(1, 3))
 
@@ -86,8 +93,10 @@ def test_memory_over_posix_blocks_reach_another_process_after_close(tmp_path, re
     assert result == {"present": 500, "failed": 0, "wrong": 0}
 
 
-@pytest.mark.parametrize("kind", ["posix", "memory+posix"])
-def test_shards_dumped_by_different_processes_complete_a_block(open_test_store, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["posix", "memory+posix", "redis"])
+def test_shards_dumped_by_different_processes_complete_a_block(open_test_store, tmp_path, request, kind):
+    if "redis" in kind:
+        request.getfixturevalue("redis_server")
     store = open_test_store(kind, num_shards=2)
     ids = block_ids(20, "tp")
     entries = make_entries(ids, num_shards=2)

@@ -87,8 +87,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["posix", "redis"])
 @pytest.mark.parametrize(("layout", "dtype", "chunk"), CASES)
-def test_chunks_load_straight_into_another_cache(open_test_store, layout, dtype, chunk):
+def test_chunks_load_straight_into_another_cache(open_test_store, request, layout, dtype, chunk, kind):
+    if kind == "redis":
+        request.getfixturevalue("redis_server")
     source = make_cache(layout, dtype, seed=1)
     blocks = [5, 1, 3, 6]
     offsets = [0, TOKENS - chunk, chunk * (TOKENS // chunk // 2), 0]
@@ -99,7 +102,7 @@ def test_chunks_load_straight_into_another_cache(open_test_store, layout, dtype,
     for i, (block, first) in enumerate(zip(blocks, offsets, strict=True)):
         assert per_chunk[:, i].tobytes() == expected_chunk(source, block, first, chunk)
 
-    store = open_test_store("posix")
+    store = open_test_store(kind)
     ids = block_ids(len(blocks), f"{layout}-{chunk}")
     store.wait(store.dump(ids, [list(per_chunk[:, i]) for i in range(len(blocks))]))
 

@@ -1,0 +1,161 @@
+"""A real Redis (or Valkey) server for the tests: started on a free loopback port, stopped at the end.
+
+``.ci/run`` installs Debian's ``redis-server``; without it, tests that need a server are skipped
+on a developer's machine and fail under CI (``CI`` set), so a broken install cannot pass unseen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+BINARIES = ("valkey-server", "redis-server")
+
+
+def find_server() -> str | None:
+    for name in BINARIES:
+        path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+        if path:
+            return path
+    return None
+
+
+def require_server() -> str:
+    path = find_server()
+    if path is None:
+        message = "no redis-server or valkey-server on PATH (.ci/run installs Debian's redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(port: int, *args: bytes | str, password: str | None = None) -> object:
+    """Send one command over a fresh connection; return the decoded RESP reply (bytes, int, str, list, None)."""
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        wire = b""
+        if password:
+            wire += _encode([b"AUTH", password.encode()])
+        wire += _encode(parts)
+        s.sendall(wire)
+        reader = s.makefile("rb")
+        if password:
+            _decode(reader)
+        return _decode(reader)
+
+
+def _encode(parts: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def _decode(reader) -> object:
+    raw = reader.readline()
+    if not raw:
+        raise ConnectionError("the server closed the connection")  # SHUTDOWN answers so
+    line = raw[:-2]
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        return RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = reader.read(size + 2)[:-2]
+        return data
+    if kind == b"*":
+        return [_decode(reader) for _ in range(int(rest))]
+    raise AssertionError(f"unexpected reply {line!r}")
+
+
+class RedisServer:
+    """One server process; ``stop()`` and ``start()`` again keep its port (restarts lose every key)."""
+
+    def __init__(self, workdir: Path, password: str | None = None):
+        self.binary = require_server()
+        self.workdir = workdir
+        self.port = free_port()
+        self.password = password
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, detached: bool = False) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.workdir), "--daemonize", "no", "--protected-mode", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / f"server-{self.port}.log", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=detached)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.command("PING") == "PONG":
+                    return
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.process.kill()
+        self.process.wait(10)
+        raise RuntimeError(f"{self.binary} did not start on port {self.port}; see {self.workdir}")
+
+    def stop(self) -> None:
+        # Whichever process serves the port now: another process may have restarted the server.
+        with contextlib.suppress(OSError):
+            self.command("SHUTDOWN", "NOSAVE")
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def command(self, *args: bytes | str) -> object:
+        return command(self.port, *args, password=self.password)
+
+    def spec(self) -> dict:
+        """What another process needs to restart this server (``restart_server``)."""
+        return {"binary": self.binary, "port": self.port, "workdir": str(self.workdir), "password": self.password}
+
+
+def restart_server(spec: dict) -> None:
+    """Shut the server on ``spec["port"]`` down without saving and start a new, empty one there.
+
+    The new server outlives the caller; ``RedisServer.stop()`` in the test process shuts it down.
+    """
+    server = RedisServer.__new__(RedisServer)
+    server.binary, server.port = spec["binary"], spec["port"]
+    server.workdir, server.password, server.process = Path(spec["workdir"]), spec["password"], None
+    with contextlib.suppress(OSError):
+        server.command("SHUTDOWN", "NOSAVE")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            server.command("PING")
+        except OSError:
+            break
+        time.sleep(0.02)
+    server.start(detached=True)
