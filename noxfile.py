@@ -33,7 +33,15 @@ PYTHON_LINT_PATHS = ["packages", "tests", "benchmarks", "noxfile.py"]
 
 # Debian package -> a path that exists once it is installed: the C++ tests build against GoogleTest;
 # the `redis` store's tests start a real Redis server.
-SYSTEM_PACKAGES = {"libgtest-dev": "/usr/include/gtest", "redis-server": "/usr/bin/redis-server"}
+SYSTEM_PACKAGES = {
+    "libgtest-dev": "/usr/include/gtest",
+    "redis-server": "/usr/bin/redis-server",
+    # Mooncake's CPU wheel links these (the `mooncake` store's tests run its master and clients).
+    "libibverbs1": "/usr/lib/x86_64-linux-gnu/libibverbs.so.1",
+    "libnuma1": "/usr/lib/x86_64-linux-gnu/libnuma.so.1",
+}
+# Mooncake Store's CPU build, for the `mooncake` store's tests.
+MOONCAKE = "mooncake-transfer-engine-non-cuda==0.3.13.post1"
 
 
 def ensure_system_packages(session: nox.Session) -> None:
@@ -65,6 +73,7 @@ def tests(session: nox.Session) -> None:
         ASCEND_PACKAGE,
         PD_PACKAGE,
         EXAMPLE_STORE_PLUGIN,
+        MOONCAKE,
         "pytest",
         "numpy",
         "cmake",

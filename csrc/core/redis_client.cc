@@ -84,6 +84,13 @@ std::string RedisConnection::fail(const std::string& what) {
 }
 
 std::string RedisConnection::ensure() {
+    if (fd_ >= 0 && begin_ == end_) {
+        // An idle connection has nothing to read. End of stream means the server closed it (a
+        // restart, a timeout, CLIENT KILL); stray bytes mean the stream is out of step: reconnect.
+        char byte;
+        ssize_t n = ::recv(fd_, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) close();
+    }
     if (fd_ >= 0) return {};
     int err = 0;
     if (!endpoint_.unix_socket.empty()) {

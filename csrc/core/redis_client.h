@@ -42,7 +42,8 @@ public:
     RedisConnection(const RedisConnection&) = delete;
     RedisConnection& operator=(const RedisConnection&) = delete;
 
-    // Opens (connect, AUTH, SELECT) when not open; returns an empty string or why it failed.
+    // Opens (connect, AUTH, SELECT) when not open, or when the server has closed the idle
+    // connection since its last use; returns an empty string or why it failed.
     std::string ensure();
     bool is_open() const { return fd_ >= 0; }
     void close();

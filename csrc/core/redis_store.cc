@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <stdexcept>
 
 #include "block_format.h"
@@ -57,28 +58,36 @@ void RedisStore::release(std::unique_ptr<RedisConnection> connection) {
     idle_.push_back(std::move(connection));
 }
 
-std::vector<uint8_t> RedisStore::lookup(const std::vector<std::string>& ids, std::string* error) {
-    std::vector<uint8_t> found(ids.size(), 0);
+std::string RedisStore::for_each_key(const std::vector<std::string>& ids, const char* command,
+                                     const std::function<void(size_t, const RedisReply&)>& on_reply) {
     auto connection = acquire();
     std::string failure = connection->ensure();
     for (size_t first = 0; failure.empty() && first < ids.size(); first += kLookupBatch) {
         size_t last = std::min(ids.size(), first + kLookupBatch);
         std::string commands;
-        for (size_t i = first; i < last; ++i) RedisConnection::append_command(commands, {"HLEN", key_of(ids[i])});
+        for (size_t i = first; i < last; ++i) RedisConnection::append_command(commands, {command, key_of(ids[i])});
         failure = connection->send({{commands.data(), commands.size()}});
         for (size_t i = first; failure.empty() && i < last; ++i) {
             RedisReply reply;
             failure = connection->read_reply(&reply);
             if (!failure.empty()) break;
             if (reply.type == '-') {
-                failure = "redis refused a lookup: " + reply.text;
+                failure = std::string("redis refused ") + command + ": " + reply.text;
                 connection->close();  // replies of this pipeline are still coming
                 break;
             }
-            found[i] = reply.type == ':' && reply.integer >= static_cast<int64_t>(config_.num_shards);
+            on_reply(i, reply);
         }
     }
     release(std::move(connection));
+    return failure;
+}
+
+std::vector<uint8_t> RedisStore::lookup(const std::vector<std::string>& ids, std::string* error) {
+    std::vector<uint8_t> found(ids.size(), 0);
+    std::string failure = for_each_key(ids, "HLEN", [&](size_t i, const RedisReply& reply) {
+        found[i] = reply.type == ':' && reply.integer >= static_cast<int64_t>(config_.num_shards);
+    });
     if (!failure.empty()) {
         std::fill(found.begin(), found.end(), 0);
         if (error != nullptr) *error = failure;
@@ -91,25 +100,19 @@ size_t RedisStore::lookup_prefix(const std::vector<std::string>& ids, std::strin
     return static_cast<size_t>(std::find(found.begin(), found.end(), 0) - found.begin());
 }
 
-TaskPtr RedisStore::dump(std::vector<ShardIO> items) {
+TaskPtr RedisStore::in_ranges(std::vector<ShardIO> items, RangeWork work) {
     auto task = std::make_shared<Task>(items.size());
     auto shared = std::make_shared<std::vector<ShardIO>>(std::move(items));
-    pool_.for_ranges(shared->size(), pool_.size(), [this, task, shared](size_t begin, size_t end) {
-        std::vector<std::string> errors = dump_range(*shared, begin, end);
+    pool_.for_ranges(shared->size(), pool_.size(), [this, task, shared, work](size_t begin, size_t end) {
+        std::vector<std::string> errors = (this->*work)(*shared, begin, end);
         for (size_t i = begin; i < end; ++i) task->finish(i, (*shared)[i].id, std::move(errors[i - begin]));
     });
     return task;
 }
 
-TaskPtr RedisStore::load(std::vector<ShardIO> items) {
-    auto task = std::make_shared<Task>(items.size());
-    auto shared = std::make_shared<std::vector<ShardIO>>(std::move(items));
-    pool_.for_ranges(shared->size(), pool_.size(), [this, task, shared](size_t begin, size_t end) {
-        std::vector<std::string> errors = load_range(*shared, begin, end);
-        for (size_t i = begin; i < end; ++i) task->finish(i, (*shared)[i].id, std::move(errors[i - begin]));
-    });
-    return task;
-}
+TaskPtr RedisStore::dump(std::vector<ShardIO> items) { return in_ranges(std::move(items), &RedisStore::dump_range); }
+
+TaskPtr RedisStore::load(std::vector<ShardIO> items) { return in_ranges(std::move(items), &RedisStore::load_range); }
 
 namespace {
 
@@ -346,21 +349,7 @@ std::string RedisStore::read_shard(RedisConnection& connection, const ShardIO& i
 }
 
 std::string RedisStore::remove(const std::vector<std::string>& ids) {
-    if (ids.empty()) return {};
-    auto connection = acquire();
-    std::string error = connection->ensure();
-    for (size_t first = 0; error.empty() && first < ids.size(); first += kLookupBatch) {
-        size_t last = std::min(ids.size(), first + kLookupBatch);
-        std::string commands;
-        for (size_t i = first; i < last; ++i) RedisConnection::append_command(commands, {"DEL", key_of(ids[i])});
-        error = connection->send({{commands.data(), commands.size()}});
-        for (size_t i = first; error.empty() && i < last; ++i) {
-            RedisReply reply;
-            error = connection->read_reply(&reply);
-        }
-    }
-    release(std::move(connection));
-    return error;
+    return for_each_key(ids, "DEL", [](size_t, const RedisReply&) {});
 }
 
 }  // namespace ucm

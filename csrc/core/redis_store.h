@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,6 +58,13 @@ private:
     std::unique_ptr<RedisConnection> acquire();
     void release(std::unique_ptr<RedisConnection> connection);
     std::string key_of(const std::string& id) const { return config_.prefix + id; }
+    // Sends `command key` for every id (pipelined) and hands each reply to on_reply; returns why
+    // not every reply came.
+    std::string for_each_key(const std::vector<std::string>& ids, const char* command,
+                             const std::function<void(size_t, const RedisReply&)>& on_reply);
+    // Runs `work` over a few ranges of the items on the pool (one connection each).
+    using RangeWork = std::vector<std::string> (RedisStore::*)(std::vector<ShardIO>&, size_t, size_t);
+    TaskPtr in_ranges(std::vector<ShardIO> items, RangeWork work);
     std::vector<std::string> dump_range(std::vector<ShardIO>& items, size_t begin, size_t end);
     std::vector<std::string> load_range(std::vector<ShardIO>& items, size_t begin, size_t end);
     std::string read_shard(RedisConnection& connection, const ShardIO& item, bool* damaged);

@@ -223,6 +223,53 @@ size_t lookup_prefix(Store& store, const py::sequence& ids) {
     return store.lookup_prefix(keys);
 }
 
+// A dump or load of buffers on a store with dump(items) and load(items).
+template <typename Store>
+PyTask submit_transfer(Store& store, const py::sequence& ids, const py::sequence& buffers, const py::object& shards,
+                       uint32_t num_shards, uint64_t shard_bytes, bool load) {
+    auto keep = std::make_unique<Keepalive>();
+    auto items = to_items(ids, buffers, shards, num_shards, shard_bytes, load, *keep);
+    ucm::TaskPtr task;
+    {
+        py::gil_scoped_release release;
+        task = load ? store.load(std::move(items)) : store.dump(std::move(items));
+    }
+    return PyTask(std::move(task), std::move(keep));
+}
+
+// Loads item i of a paged-cache sink from block ids[i]; the sink stays referenced until the task is over.
+template <typename Store>
+PyTask submit_load_into(Store& store, const py::sequence& ids, const py::object& sink_object,
+                        const py::object& shards, uint32_t num_shards, uint64_t shard_bytes) {
+    auto& sink = sink_object.cast<ucm::PagedScatter&>();
+    size_t count = py::len(ids);
+    if (count != sink.count()) {
+        throw py::value_error("got " + std::to_string(count) + " ids but the target holds " +
+                              std::to_string(sink.count()) + " chunks");
+    }
+    if (shard_bytes != 0 && sink.chunk_bytes() != shard_bytes) {
+        throw py::value_error("the target's chunks hold " + std::to_string(sink.chunk_bytes()) +
+                              " bytes but shard_bytes is " + std::to_string(shard_bytes));
+    }
+    std::vector<uint32_t> shard_of = to_shards(shards, count, num_shards);
+    std::vector<ucm::ShardIO> items(count);
+    for (size_t i = 0; i < count; ++i) {
+        items[i].id = to_id(ids[i], i);
+        items[i].shard = shard_of[i];
+        items[i].sink = &sink;
+        items[i].sink_item = i;
+        items[i].sink_bytes = sink.chunk_bytes();
+    }
+    auto keep = std::make_unique<Keepalive>();
+    keep->objects.push_back(sink_object);
+    ucm::TaskPtr task;
+    {
+        py::gil_scoped_release release;
+        task = store.load(std::move(items));
+    }
+    return PyTask(std::move(task), std::move(keep));
+}
+
 class PyPosixStore {
 public:
     PyPosixStore(std::string root, uint32_t num_shards, size_t threads, bool direct_io, uint64_t capacity_bytes,
@@ -234,45 +281,11 @@ public:
     }
 
     PyTask transfer(const py::sequence& ids, const py::sequence& buffers, const py::object& shards, bool load) {
-        auto keep = std::make_unique<Keepalive>();
-        auto items = to_items(ids, buffers, shards, num_shards_, shard_bytes_, load, *keep);
-        ucm::TaskPtr task;
-        {
-            py::gil_scoped_release release;
-            task = load ? store_->load(std::move(items)) : store_->dump(std::move(items));
-        }
-        return PyTask(std::move(task), std::move(keep));
+        return submit_transfer(*store_, ids, buffers, shards, num_shards_, shard_bytes_, load);
     }
 
-    // Loads item i of `sink` from block ids[i]; the sink stays referenced until the task is over.
-    PyTask load_into(const py::sequence& ids, const py::object& sink_object, const py::object& shards) {
-        auto& sink = sink_object.cast<ucm::PagedScatter&>();
-        size_t count = py::len(ids);
-        if (count != sink.count()) {
-            throw py::value_error("got " + std::to_string(count) + " ids but the target holds " +
-                                  std::to_string(sink.count()) + " chunks");
-        }
-        if (shard_bytes_ != 0 && sink.chunk_bytes() != shard_bytes_) {
-            throw py::value_error("the target's chunks hold " + std::to_string(sink.chunk_bytes()) +
-                                  " bytes but shard_bytes is " + std::to_string(shard_bytes_));
-        }
-        std::vector<uint32_t> shard_of = to_shards(shards, count, num_shards_);
-        std::vector<ucm::ShardIO> items(count);
-        for (size_t i = 0; i < count; ++i) {
-            items[i].id = to_id(ids[i], i);
-            items[i].shard = shard_of[i];
-            items[i].sink = &sink;
-            items[i].sink_item = i;
-            items[i].sink_bytes = sink.chunk_bytes();
-        }
-        auto keep = std::make_unique<Keepalive>();
-        keep->objects.push_back(sink_object);
-        ucm::TaskPtr task;
-        {
-            py::gil_scoped_release release;
-            task = store_->load(std::move(items));
-        }
-        return PyTask(std::move(task), std::move(keep));
+    PyTask load_into(const py::sequence& ids, const py::object& sink, const py::object& shards) {
+        return submit_load_into(*store_, ids, sink, shards, num_shards_, shard_bytes_);
     }
 
     ucm::PosixStore& store() { return *store_; }
@@ -337,44 +350,11 @@ public:
     }
 
     PyTask transfer(const py::sequence& ids, const py::sequence& buffers, const py::object& shards, bool load) {
-        auto keep = std::make_unique<Keepalive>();
-        auto items = to_items(ids, buffers, shards, num_shards_, shard_bytes_, load, *keep);
-        ucm::TaskPtr task;
-        {
-            py::gil_scoped_release release;
-            task = load ? store_->load(std::move(items)) : store_->dump(std::move(items));
-        }
-        return PyTask(std::move(task), std::move(keep));
+        return submit_transfer(*store_, ids, buffers, shards, num_shards_, shard_bytes_, load);
     }
 
-    PyTask load_into(const py::sequence& ids, const py::object& sink_object, const py::object& shards) {
-        auto& sink = sink_object.cast<ucm::PagedScatter&>();
-        size_t count = py::len(ids);
-        if (count != sink.count()) {
-            throw py::value_error("got " + std::to_string(count) + " ids but the target holds " +
-                                  std::to_string(sink.count()) + " chunks");
-        }
-        if (shard_bytes_ != 0 && sink.chunk_bytes() != shard_bytes_) {
-            throw py::value_error("the target's chunks hold " + std::to_string(sink.chunk_bytes()) +
-                                  " bytes but shard_bytes is " + std::to_string(shard_bytes_));
-        }
-        std::vector<uint32_t> shard_of = to_shards(shards, count, num_shards_);
-        std::vector<ucm::ShardIO> items(count);
-        for (size_t i = 0; i < count; ++i) {
-            items[i].id = to_id(ids[i], i);
-            items[i].shard = shard_of[i];
-            items[i].sink = &sink;
-            items[i].sink_item = i;
-            items[i].sink_bytes = sink.chunk_bytes();
-        }
-        auto keep = std::make_unique<Keepalive>();
-        keep->objects.push_back(sink_object);
-        ucm::TaskPtr task;
-        {
-            py::gil_scoped_release release;
-            task = store_->load(std::move(items));
-        }
-        return PyTask(std::move(task), std::move(keep));
+    PyTask load_into(const py::sequence& ids, const py::object& sink, const py::object& shards) {
+        return submit_load_into(*store_, ids, sink, shards, num_shards_, shard_bytes_);
     }
 
     std::string remove(const py::sequence& ids) {

@@ -2,8 +2,9 @@
 
 Servers: a baseline without the connector (block size 32), two prefill servers (``kv_producer``,
 block sizes 32 and 128, both keying chunks of 32 tokens) and one decode server (``kv_consumer``,
-block size 32), all on one ``posix`` store root. Each proxy pairs one prefill server with the
-decode server; one proxy's prefill server does not exist, so every prefill there fails.
+block size 32), all on one real Redis server (the ``redis`` store; the engine tests cover servers
+sharing a ``posix`` root). Each proxy pairs one prefill server with the decode server; one proxy's
+prefill server does not exist, so every prefill there fails.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = HERE.parents[1] / "benchmarks"  # models.py builds the model; servers.py starts processes
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
+# benchmarks/: models.py builds the model, servers.py starts processes; tests/store: the Redis server.
+for path in (HERE.parents[1] / "benchmarks", HERE.parent / "store"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 CHUNK = 32
 
@@ -24,13 +26,15 @@ CHUNK = 32
 @pytest.fixture(scope="session")
 def pd(tmp_path_factory):
     """URLs by name: ``baseline``, ``prefill32``, ``prefill128``, ``decode``, and proxies ``proxy32``,
-    ``proxy128`` and ``proxy-no-prefill``."""
+    ``proxy128`` and ``proxy-no-prefill``; ``redis``: the Redis server (tests/store/redisserver.py)."""
     from models import build
+    from redisserver import RedisServer
     from servers import Processes, free_port, ucm_kv_config, wait_answering
 
     workdir = tmp_path_factory.mktemp("pd")
     model = build(str(workdir / "model"), "tiny")
-    store = {"store": "posix", "store_config": {"root": str(workdir / "store")}, "chunk_tokens": CHUNK}
+    redis = RedisServer(workdir / "redis")
+    store = {"store": "redis", "store_config": {"url": redis.url, "prefix": "pd:"}, "chunk_tokens": CHUNK}
     servers = {
         "baseline": (32, None),
         "prefill32": (32, ucm_kv_config("kv_producer", store)),
@@ -48,6 +52,7 @@ def pd(tmp_path_factory):
         urls["proxy32"] = processes.proxy("proxy32", [urls["prefill32"]], [urls["decode"]])
         urls["proxy128"] = processes.proxy("proxy128", [urls["prefill128"]], [urls["decode"]])
         urls["proxy-no-prefill"] = processes.proxy("proxy-no-prefill", [dead], [urls["decode"]])
-        yield urls
+        yield {**urls, "redis": redis}
     finally:
         processes.stop()
+        redis.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -116,3 +118,33 @@ def test_a_bad_request_gets_the_servers_own_error(pd):
         urllib.request.urlopen(request, timeout=60)
     assert caught.value.code == 404
     assert "no-such-model" in caught.value.read().decode()
+
+
+def test_a_redis_restart_under_load_costs_misses_never_errors(pd):
+    """Requests keep flowing through the proxy while the shared Redis server restarts empty:
+    every client gets the single server's answer, and the pair hits again afterwards."""
+    prompts = [tokens(260, 5000 + i) for i in range(6)]
+    expected = [answer(post(pd["baseline"], "/v1/completions", completion(p))) for p in prompts]
+    results: list = [None] * len(prompts)
+
+    def ask(i: int) -> None:
+        try:
+            results[i] = answer(post(pd["proxy32"], "/v1/completions", completion(prompts[i])))
+        except Exception as exc:  # an error reaching the client is what this test is about
+            results[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for i, thread in enumerate(threads):
+        thread.start()
+        if i == 2:
+            time.sleep(0.3)
+            pd["redis"].stop()
+            pd["redis"].start()
+    for thread in threads:
+        thread.join(300)
+    assert results == expected
+    # Afterwards the store works again: a new prompt's chunks go through it.
+    prompt = tokens(200, 6000)
+    split = post(pd["proxy32"], "/v1/completions", completion(prompt))
+    assert answer(split) == answer(post(pd["baseline"], "/v1/completions", completion(prompt)))
+    assert cached(split) == full_chunks_but_last_token(prompt)

@@ -15,16 +15,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ucm.store import _native
-from ucm.store._base import KVStore, Option
-from ucm.store._device import submit_staged
-from ucm.store._tasks import NativeTask, raise_failures
+from ucm.store._base import Option
+from ucm.store._native_store import NativeStore
 
 FORMAT_NAME = "ucm-store"
 FORMAT_VERSION = 1
 MANIFEST = "ucm-store.json"
 
 
-class PosixStore(KVStore):
+class PosixStore(NativeStore):
     config_schema = {
         "root": Option((str, os.PathLike), required=True, help="directory of the store (local disk or NFS mount)"),
         "num_shards": Option(int, 1, minimum=1, help="shards per block (e.g. tensor-parallel ranks)"),
@@ -60,28 +59,6 @@ class PosixStore(KVStore):
     def lookup_prefix(self, ids: Sequence[bytes]) -> int:
         return self._native.lookup_prefix(ids)
 
-    def dump(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        return self._transfer("dump", ids, buffers, shards)
-
-    def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        return self._transfer("load", ids, buffers, shards)
-
-    def _transfer(self, op: str, ids, buffers, shards) -> NativeTask:
-        submit = self._native.load if op == "load" else self._native.dump
-        native, after = submit_staged(buffers, op == "load", lambda host: submit(ids, host, shards))
-        return NativeTask(op, native, after)
-
-    can_load_into = True
-
-    def load_into(self, ids: Sequence[bytes], target: Any, shards: Sequence[int] | None = None) -> NativeTask:
-        return NativeTask("load", self._native.load_into(ids, target, shards))
-
-    def wait(self, task: NativeTask) -> None:
-        raise_failures(task.op, task.failures())
-
-    def check(self, task: NativeTask) -> bool:
-        return task.done()
-
     def prefetch(self, ids: Sequence[bytes]) -> None:
         self._native.prefetch(ids)
 
@@ -91,11 +68,6 @@ class PosixStore(KVStore):
     def evict_now(self) -> int:
         """Run one eviction pass now (also removes temporary files of dead writers); return bytes freed."""
         return self._native.evict_now()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._native.close()
 
 
 def _prepare_root(root: str) -> None:

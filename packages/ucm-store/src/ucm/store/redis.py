@@ -23,14 +23,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ucm.store import _native
-from ucm.store._base import KVStore, Option
-from ucm.store._device import submit_staged
-from ucm.store._tasks import NativeTask, raise_failures
+from ucm.store._base import Option
+from ucm.store._native_store import NativeStore
 
 log = logging.getLogger(__name__)
 
 
-class RedisStore(KVStore):
+class RedisStore(NativeStore):
     config_schema = {
         "url": Option(str, None, help="redis://[[user]:password@]host[:port][/db] or unix:///path/to/socket[?db=N]"),
         "host": Option(str, "127.0.0.1", help="server host (ignored with url or unix_socket)"),
@@ -90,28 +89,6 @@ class RedisStore(KVStore):
             self._lookup_failed(error)
         return count
 
-    def dump(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        return self._transfer("dump", ids, buffers, shards)
-
-    def load(self, ids: Sequence[bytes], buffers: Sequence[Any], shards: Sequence[int] | None = None) -> NativeTask:
-        return self._transfer("load", ids, buffers, shards)
-
-    def _transfer(self, op: str, ids, buffers, shards) -> NativeTask:
-        submit = self._native.load if op == "load" else self._native.dump
-        native, after = submit_staged(buffers, op == "load", lambda host: submit(ids, host, shards))
-        return NativeTask(op, native, after)
-
-    can_load_into = True
-
-    def load_into(self, ids: Sequence[bytes], target: Any, shards: Sequence[int] | None = None) -> NativeTask:
-        return NativeTask("load", self._native.load_into(ids, target, shards))
-
-    def wait(self, task: NativeTask) -> None:
-        raise_failures(task.op, task.failures())
-
-    def check(self, task: NativeTask) -> bool:
-        return task.done()
-
     def prefetch(self, ids: Sequence[bytes]) -> None:
         pass  # the server holds blocks in memory already
 
@@ -119,11 +96,6 @@ class RedisStore(KVStore):
         error = self._native.remove(ids)
         if error:
             log.warning("store 'redis': remove failed: %s", error)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._native.close()
 
 
 def _endpoint(config: dict[str, Any]) -> dict[str, Any]:
