@@ -43,8 +43,23 @@ if(NOT UCM_WITH_ASCEND STREQUAL "OFF")
                             "-DUCM_WITH_ASCEND=OFF.")
     endif()
 endif()
+# ---- TLS for the redis store: AUTO (when OpenSSL's headers are found), ON (required), OFF ----------
+set(UCM_WITH_TLS AUTO CACHE STRING "Build TLS support (OpenSSL) into the redis store (AUTO, ON, OFF)")
+set_property(CACHE UCM_WITH_TLS PROPERTY STRINGS AUTO ON OFF)
+set(UCM_HAVE_TLS OFF)
+if(NOT UCM_WITH_TLS STREQUAL "OFF")
+    find_package(OpenSSL QUIET)
+    if(OPENSSL_FOUND)
+        set(UCM_HAVE_TLS ON)
+    elseif(UCM_WITH_TLS STREQUAL "ON")
+        message(FATAL_ERROR "UCM_WITH_TLS=ON but OpenSSL was not found: install its headers (apt-get install "
+                            "libssl-dev), or configure with -DUCM_WITH_TLS=OFF.")
+    endif()
+endif()
+
 message(STATUS "UCM backends: CUDA=${UCM_HAVE_CUDA} (UCM_WITH_CUDA=${UCM_WITH_CUDA}), "
-               "Ascend=${UCM_HAVE_ASCEND} (UCM_WITH_ASCEND=${UCM_WITH_ASCEND})")
+               "Ascend=${UCM_HAVE_ASCEND} (UCM_WITH_ASCEND=${UCM_WITH_ASCEND}), "
+               "TLS=${UCM_HAVE_TLS} (UCM_WITH_TLS=${UCM_WITH_TLS})")
 
 # ---- settings every native target links to -------------------------------------------------------
 find_package(Threads REQUIRED)

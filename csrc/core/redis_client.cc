@@ -16,6 +16,12 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(UCM_HAVE_TLS)
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#endif
+
 namespace ucm {
 
 namespace {
@@ -73,6 +79,11 @@ RedisConnection::RedisConnection(RedisEndpoint endpoint) : endpoint_(std::move(e
 RedisConnection::~RedisConnection() { close(); }
 
 void RedisConnection::close() {
+#if defined(UCM_HAVE_TLS)
+    if (tls_ != nullptr) SSL_free(static_cast<SSL*>(tls_));
+    if (tls_context_ != nullptr) SSL_CTX_free(static_cast<SSL_CTX*>(tls_context_));
+#endif
+    tls_ = tls_context_ = nullptr;
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;
     begin_ = end_ = 0;
@@ -89,7 +100,11 @@ std::string RedisConnection::ensure() {
         // restart, a timeout, CLIENT KILL); stray bytes mean the stream is out of step: reconnect.
         char byte;
         ssize_t n = ::recv(fd_, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-        if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) close();
+        bool hard_error = n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+        // Over TLS, bytes may be the server's session tickets, read later by OpenSSL: only an
+        // end of stream or an error says the connection is gone.
+        bool stray = n > 0 && tls_ == nullptr;
+        if (n == 0 || hard_error || stray) close();
     }
     if (fd_ >= 0) return {};
     int err = 0;
@@ -131,8 +146,155 @@ std::string RedisConnection::ensure() {
     timeval tv = to_timeval(endpoint_.timeout_s);
     ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (endpoint_.tls) {
+        std::string error = start_tls();
+        if (!error.empty()) return error;
+    }
     return handshake();
 }
+
+#if defined(UCM_HAVE_TLS)
+namespace {
+
+std::string tls_error_text() {
+    unsigned long code = ERR_get_error();
+    if (code == 0) return errno != 0 ? errno_text(errno) : "unknown TLS error";
+    char text[256];
+    ERR_error_string_n(code, text, sizeof(text));
+    ERR_clear_error();
+    return text;
+}
+
+}  // namespace
+
+std::string RedisConnection::start_tls() {
+    SSL_CTX* context = SSL_CTX_new(TLS_client_method());
+    tls_context_ = context;
+    if (context == nullptr) return fail("TLS: " + tls_error_text());
+    SSL_CTX_set_min_proto_version(context, TLS1_2_VERSION);
+    if (endpoint_.tls_verify) {
+        SSL_CTX_set_verify(context, SSL_VERIFY_PEER, nullptr);
+        int loaded = endpoint_.tls_ca_file.empty()
+                         ? SSL_CTX_set_default_verify_paths(context)
+                         : SSL_CTX_load_verify_locations(context, endpoint_.tls_ca_file.c_str(), nullptr);
+        if (loaded != 1) return fail("TLS: cannot load CA certificates: " + tls_error_text());
+    }
+    if (!endpoint_.tls_cert_file.empty()) {
+        if (SSL_CTX_use_certificate_chain_file(context, endpoint_.tls_cert_file.c_str()) != 1 ||
+            SSL_CTX_use_PrivateKey_file(context, endpoint_.tls_key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
+            return fail("TLS: cannot load the client certificate or key: " + tls_error_text());
+        }
+    }
+    SSL* tls = SSL_new(context);
+    tls_ = tls;
+    if (tls == nullptr || SSL_set_fd(tls, fd_) != 1) return fail("TLS: " + tls_error_text());
+    SSL_set_mode(tls, SSL_MODE_AUTO_RETRY);
+    const std::string& name = endpoint_.tls_server_name.empty() ? endpoint_.host : endpoint_.tls_server_name;
+    SSL_set_tlsext_host_name(tls, name.c_str());
+    if (endpoint_.tls_verify) {
+        X509_VERIFY_PARAM* param = SSL_get0_param(tls);
+        if (X509_VERIFY_PARAM_set1_ip_asc(param, name.c_str()) != 1) SSL_set1_host(tls, name.c_str());
+    }
+    errno = 0;
+    if (SSL_connect(tls) != 1) {
+        long verify = SSL_get_verify_result(tls);
+        std::string why = verify != X509_V_OK ? std::string("certificate verification failed: ") +
+                                                    X509_verify_cert_error_string(verify)
+                                              : tls_error_text();
+        return fail("TLS handshake failed: " + why);
+    }
+    return {};
+}
+
+size_t RedisConnection::receive(uint8_t* out, size_t size, std::string* error, bool all) {
+    if (tls_ == nullptr) {
+        for (;;) {
+            ssize_t n = ::recv(fd_, out, size, all ? MSG_WAITALL : 0);
+            if (n > 0) return static_cast<size_t>(n);
+            if (n < 0 && errno == EINTR) continue;
+            *error = n == 0 ? fail("the server closed the connection")
+                     : (errno == EAGAIN || errno == EWOULDBLOCK) ? fail("timed out waiting for a reply")
+                                                                 : fail("receive failed: " + errno_text(errno));
+            return 0;
+        }
+    }
+    SSL* tls = static_cast<SSL*>(tls_);
+    int chunk = static_cast<int>(std::min<size_t>(size, 1 << 30));
+    errno = 0;
+    int n = SSL_read(tls, out, chunk);
+    if (n > 0) return static_cast<size_t>(n);
+    int code = SSL_get_error(tls, n);
+    if (code == SSL_ERROR_ZERO_RETURN) {
+        *error = fail("the server closed the connection");
+    } else if (code == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        *error = fail("timed out waiting for a reply");
+    } else if (code == SSL_ERROR_SYSCALL && errno == 0) {
+        *error = fail("the server closed the connection");
+    } else {
+        *error = fail("TLS read failed: " + tls_error_text());
+    }
+    return 0;
+}
+
+std::string RedisConnection::send_tls(const std::vector<iovec>& iov) {
+    // Small pieces (command heads, trailers) are gathered so that a TLS record carries many.
+    constexpr size_t kGather = 16 << 10;
+    SSL* tls = static_cast<SSL*>(tls_);
+    std::string gathered;
+    auto write = [&](const char* data, size_t size) -> std::string {
+        while (size > 0) {
+            int chunk = static_cast<int>(std::min<size_t>(size, 1 << 30));
+            errno = 0;
+            int n = SSL_write(tls, data, chunk);
+            if (n <= 0) {
+                int code = SSL_get_error(tls, n);
+                if (code == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                    return fail("timed out sending");
+                }
+                return fail("TLS write failed: " + tls_error_text());
+            }
+            data += n;
+            size -= static_cast<size_t>(n);
+        }
+        return {};
+    };
+    for (const iovec& v : iov) {
+        const char* data = static_cast<const char*>(v.iov_base);
+        if (v.iov_len < kGather) {
+            gathered.append(data, v.iov_len);
+            if (gathered.size() < kGather) continue;
+        }
+        if (!gathered.empty()) {
+            std::string error = write(gathered.data(), gathered.size());
+            if (!error.empty()) return error;
+            gathered.clear();
+        }
+        if (v.iov_len >= kGather) {
+            std::string error = write(data, v.iov_len);
+            if (!error.empty()) return error;
+        }
+    }
+    return gathered.empty() ? std::string() : write(gathered.data(), gathered.size());
+}
+#else
+std::string RedisConnection::start_tls() {
+    return fail("this build of ucm-store has no TLS support (OpenSSL was not found when it was built)");
+}
+
+size_t RedisConnection::receive(uint8_t* out, size_t size, std::string* error, bool all) {
+    for (;;) {
+        ssize_t n = ::recv(fd_, out, size, all ? MSG_WAITALL : 0);
+        if (n > 0) return static_cast<size_t>(n);
+        if (n < 0 && errno == EINTR) continue;
+        *error = n == 0 ? fail("the server closed the connection")
+                 : (errno == EAGAIN || errno == EWOULDBLOCK) ? fail("timed out waiting for a reply")
+                                                             : fail("receive failed: " + errno_text(errno));
+        return 0;
+    }
+}
+
+std::string RedisConnection::send_tls(const std::vector<iovec>&) { return fail("no TLS support"); }
+#endif
 
 std::string RedisConnection::handshake() {
     std::string out;
@@ -165,6 +327,7 @@ std::string RedisConnection::handshake() {
 
 std::string RedisConnection::send(const std::vector<iovec>& iov) {
     if (fd_ < 0) return fail("not connected");
+    if (tls_ != nullptr) return send_tls(iov);
     std::vector<iovec> rest(iov);
     size_t first = 0;
     while (first < rest.size()) {
@@ -198,17 +361,10 @@ std::string RedisConnection::fill() {
         end_ -= begin_;
         begin_ = 0;
     }
-    for (;;) {
-        ssize_t n = ::recv(fd_, buffer_.data() + end_, buffer_.size() - end_, 0);
-        if (n > 0) {
-            end_ += static_cast<size_t>(n);
-            return {};
-        }
-        if (n == 0) return fail("the server closed the connection");
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return fail("timed out waiting for a reply");
-        return fail("receive failed: " + errno_text(errno));
-    }
+    std::string error;
+    size_t n = receive(reinterpret_cast<uint8_t*>(buffer_.data()) + end_, buffer_.size() - end_, &error);
+    end_ += n;
+    return error;
 }
 
 std::string RedisConnection::read_line(std::string* line) {
@@ -294,17 +450,12 @@ std::string RedisConnection::read_exact(uint8_t* out, size_t size) {
     std::memcpy(out, buffer_.data() + begin_, buffered);
     begin_ += buffered;
     size_t done = buffered;
-    // The rest arrives straight into `out`: one large receive where the socket has the bytes.
+    // The rest arrives straight into `out`, in receives as large as the socket allows.
     while (done < size) {
-        ssize_t n = ::recv(fd_, out + done, size - done, MSG_WAITALL);
-        if (n > 0) {
-            done += static_cast<size_t>(n);
-            continue;
-        }
-        if (n == 0) return fail("the server closed the connection");
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return fail("timed out waiting for a reply");
-        return fail("receive failed: " + errno_text(errno));
+        std::string error;
+        size_t n = receive(out + done, size - done, &error, true);
+        if (!error.empty()) return error;
+        done += n;
     }
     return {};
 }

@@ -3,7 +3,8 @@
 // large bulk reply is read straight into the caller's memory in few large reads.
 //
 // One connection is used by one thread at a time. Any I/O error or timeout closes the
-// connection (its stream position is lost); the next ensure() opens a new one.
+// connection (its stream position is lost); the next ensure() opens a new one. With TLS, the same
+// protocol runs over an OpenSSL session (builds with OpenSSL only).
 #pragma once
 
 #include <sys/uio.h>
@@ -24,6 +25,14 @@ struct RedisEndpoint {
     std::string password;     // empty: no AUTH
     int db = 0;
     double timeout_s = 5.0;  // connect, send and each wait for reply bytes
+    // TLS (a build with OpenSSL): the server's certificate is verified against tls_ca_file (or the
+    // system's CAs) and the host name (tls_server_name, default: host) unless tls_verify is off.
+    bool tls = false;
+    bool tls_verify = true;
+    std::string tls_ca_file;
+    std::string tls_cert_file;  // client certificate and key, for servers that require them
+    std::string tls_key_file;
+    std::string tls_server_name;
 
     std::string describe() const;
 };
@@ -74,9 +83,16 @@ private:
     std::string fill();  // reads more bytes into the buffer
     std::string read_line(std::string* line);
     std::string handshake();
+    std::string start_tls();
+    // Reads up to `size` bytes (at least one; with `all`, as many as arrive before a timeout);
+    // returns the count, or 0 with `*error` set.
+    size_t receive(uint8_t* out, size_t size, std::string* error, bool all = false);
+    std::string send_tls(const std::vector<iovec>& iov);
 
     RedisEndpoint endpoint_;
     int fd_ = -1;
+    void* tls_context_ = nullptr;  // SSL_CTX*, SSL* (opaque here: OpenSSL stays out of this header)
+    void* tls_ = nullptr;
     std::vector<char> buffer_;
     size_t begin_ = 0;
     size_t end_ = 0;

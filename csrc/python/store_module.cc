@@ -310,6 +310,12 @@ public:
         config.endpoint.password = endpoint["password"].cast<std::string>();
         config.endpoint.db = endpoint["db"].cast<int>();
         config.endpoint.timeout_s = endpoint["timeout_s"].cast<double>();
+        config.endpoint.tls = endpoint["tls"].cast<bool>();
+        config.endpoint.tls_verify = endpoint["tls_verify"].cast<bool>();
+        config.endpoint.tls_ca_file = endpoint["tls_ca_file"].cast<std::string>();
+        config.endpoint.tls_cert_file = endpoint["tls_cert_file"].cast<std::string>();
+        config.endpoint.tls_key_file = endpoint["tls_key_file"].cast<std::string>();
+        config.endpoint.tls_server_name = endpoint["tls_server_name"].cast<std::string>();
         config.prefix = std::move(prefix);
         config.num_shards = num_shards;
         config.threads = threads;

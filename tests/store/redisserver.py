@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -43,10 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(port: int, *args: bytes | str, password: str | None = None) -> object:
+def command(port: int, *args: bytes | str, password: str | None = None, tls_ca: str | None = None) -> object:
     """Send one command over a fresh connection; return the decoded RESP reply (bytes, int, str, list, None)."""
     parts = [a.encode() if isinstance(a, str) else a for a in args]
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        s = ssl.create_default_context(cafile=tls_ca).wrap_socket(raw, server_hostname="127.0.0.1") if tls_ca else raw
         wire = b""
         if password:
             wire += _encode([b"AUTH", password.encode()])
@@ -88,11 +90,13 @@ def _decode(reader) -> object:
 class RedisServer:
     """One server process; ``stop()`` and ``start()`` again keep its port (restarts lose every key)."""
 
-    def __init__(self, workdir: Path, password: str | None = None):
+    def __init__(self, workdir: Path, password: str | None = None, tls: dict | None = None):
+        """``tls``: ``{"cert", "key", "ca"}`` PEM paths; the server then speaks TLS only."""
         self.binary = require_server()
         self.workdir = workdir
         self.port = free_port()
         self.password = password
+        self.tls = tls
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -106,6 +110,17 @@ class RedisServer:
         args += ["--dir", str(self.workdir), "--daemonize", "no", "--protected-mode", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            args[args.index("--port") + 1] = "0"
+            args += [
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                self.tls["cert"],
+                "--tls-key-file",
+                self.tls["key"],
+            ]
+            args += ["--tls-ca-cert-file", self.tls["ca"], "--tls-auth-clients", "optional"]
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / f"server-{self.port}.log", "ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=detached)
@@ -114,7 +129,7 @@ class RedisServer:
             try:
                 if self.command("PING") == "PONG":
                     return
-            except OSError:
+            except (OSError, ssl.SSLError):
                 pass
             if self.process.poll() is not None:
                 break
@@ -134,7 +149,7 @@ class RedisServer:
             self.process = None
 
     def command(self, *args: bytes | str) -> object:
-        return command(self.port, *args, password=self.password)
+        return command(self.port, *args, password=self.password, tls_ca=self.tls["ca"] if self.tls else None)
 
     def spec(self) -> dict:
         """What another process needs to restart this server (``restart_server``)."""
@@ -149,6 +164,7 @@ def restart_server(spec: dict) -> None:
     server = RedisServer.__new__(RedisServer)
     server.binary, server.port = spec["binary"], spec["port"]
     server.workdir, server.password, server.process = Path(spec["workdir"]), spec["password"], None
+    server.tls = None
     with contextlib.suppress(OSError):
         server.command("SHUTDOWN", "NOSAVE")
     deadline = time.monotonic() + 10
@@ -159,3 +175,65 @@ def restart_server(spec: dict) -> None:
             break
         time.sleep(0.02)
     server.start(detached=True)
+
+
+def make_certificates(directory: Path) -> dict:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, signed by the CA (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ucm-test-ca",
+    )
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+        )
+    return {
+        "ca": str(directory / "ca.crt"),
+        "cert": str(directory / "server.crt"),
+        "key": str(directory / "server.key"),
+        "client_cert": str(directory / "client.crt"),
+        "client_key": str(directory / "client.key"),
+    }

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 import pytest
-from redisserver import RedisServer, free_port
+from redisserver import RedisServer, free_port, make_certificates
 from storetest import block_ids, payload
 
 from ucm.store import StoreError, open_store
@@ -168,11 +168,38 @@ def test_configuration_errors_name_what_is_wrong():
     port = free_port()  # nothing listens there
     with pytest.raises(ValueError, match=rf"store 'redis': redis 127.0.0.1:{port}: cannot connect"):
         open_store("redis", {"port": port, "timeout_s": 1.0})
-    with pytest.raises(ValueError, match="TLS"):
-        open_store("redis", {"url": "rediss://127.0.0.1:6380/0"})
-    with pytest.raises(ValueError, match="must start with redis:// or unix://"):
+    with pytest.raises(ValueError, match="tls_cert_file and tls_key_file go together"):
+        open_store("redis", {"port": port, "tls": True, "tls_cert_file": "/nonexistent.pem"})
+    with pytest.raises(ValueError, match="must start with redis://, rediss:// or unix://"):
         open_store("redis", {"url": "http://127.0.0.1:6379"})
     with pytest.raises(ValueError, match="database number"):
         open_store("redis", {"url": f"redis://127.0.0.1:{port}/zero"})
     with pytest.raises(ValueError, match="unknown config key 'hots'"):
         open_store("redis", {"hots": "127.0.0.1"})
+
+
+def test_tls(tmp_path):
+    """A server that speaks TLS only: the store verifies its certificate (against a CA file and the
+    host), refuses one it cannot verify, and can present a client certificate."""
+    certificates = make_certificates(tmp_path / "certs")
+    server = RedisServer(tmp_path / "redis", tls=certificates)
+    try:
+        url = f"rediss://127.0.0.1:{server.port}/0"
+        with open_store("redis", {"url": url, "tls_ca_file": certificates["ca"], "prefix": "tls:"}) as store:
+            ids = block_ids(20, "tls")
+            fill(store, ids, 300_000)
+            assert store.lookup(ids) == [True] * 20
+            assert load_all(store, ids, 300_000) == [payload(i, 0, 300_000) for i in ids]
+        with pytest.raises(ValueError, match="certificate verification failed"):
+            open_store("redis", {"url": url})  # the system's CAs do not know the test CA
+        with pytest.raises(ValueError, match="certificate verification failed"):
+            open_store("redis", {"url": url, "tls_ca_file": certificates["ca"], "tls_server_name": "other.example"})
+        with open_store("redis", {"url": url, "tls_verify": False, "prefix": "tls:"}) as store:
+            assert store.lookup(block_ids(20, "tls")) == [True] * 20
+        client = {"tls_cert_file": certificates["client_cert"], "tls_key_file": certificates["client_key"]}
+        with open_store("redis", {"url": url, "tls_ca_file": certificates["ca"], "prefix": "tls:", **client}) as store:
+            assert store.lookup(block_ids(20, "tls")) == [True] * 20
+        with pytest.raises(ValueError, match="plain|closed|refused|handshake|reset"):
+            open_store("redis", {"port": server.port, "timeout_s": 2.0})  # plain text to a TLS port
+    finally:
+        server.stop()

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 class RedisStore(NativeStore):
     config_schema = {
-        "url": Option(str, None, help="redis://[[user]:password@]host[:port][/db] or unix:///path/to/socket[?db=N]"),
+        "url": Option(str, None, help="redis[s]://[[user]:password@]host[:port][/db] or unix:///path/to/socket[?db=N]"),
         "host": Option(str, "127.0.0.1", help="server host (ignored with url or unix_socket)"),
         "port": Option(int, 6379, minimum=1, help="server port"),
         "unix_socket": Option(str, None, help="path of the server's unix socket, instead of host and port"),
@@ -46,6 +46,12 @@ class RedisStore(NativeStore):
         "ttl_s": Option(int, None, minimum=1, help="expire blocks this long after they were written"),
         "shard_bytes": Option(int, None, minimum=1, help="reject transfers whose buffers do not total this size"),
         "warn_interval_s": Option((int, float), 30.0, help="at most one warning per this many seconds on lookups"),
+        "tls": Option(bool, False, help="connect with TLS (also set by a rediss:// url)"),
+        "tls_ca_file": Option(str, None, help="CA certificates (PEM) to verify the server (default: the system's)"),
+        "tls_cert_file": Option(str, None, help="client certificate (PEM), for servers that require one"),
+        "tls_key_file": Option(str, None, help="the client certificate's private key (PEM)"),
+        "tls_server_name": Option(str, None, help="name to verify the server's certificate against (default: host)"),
+        "tls_verify": Option(bool, True, help="verify the server's certificate and name"),
     }
 
     def __init__(self, config: Mapping[str, Any]):
@@ -108,16 +114,21 @@ def _endpoint(config: dict[str, Any]) -> dict[str, Any]:
         "password": config["password"] or "",
         "db": config["db"],
         "timeout_s": float(config["timeout_s"]),
+        "tls": config["tls"],
+        "tls_verify": config["tls_verify"],
+        "tls_ca_file": config["tls_ca_file"] or "",
+        "tls_cert_file": config["tls_cert_file"] or "",
+        "tls_key_file": config["tls_key_file"] or "",
+        "tls_server_name": config["tls_server_name"] or "",
     }
+    if bool(endpoint["tls_cert_file"]) != bool(endpoint["tls_key_file"]):
+        raise ValueError("store 'redis': tls_cert_file and tls_key_file go together")
     url = config["url"]
     if url:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme == "rediss":
-            raise ValueError(
-                "store 'redis': TLS (rediss://) is not supported yet; reach the server over a TLS tunnel "
-                "(e.g. stunnel) on loopback, or a unix socket"
-            )
-        if parsed.scheme == "redis":
+            endpoint["tls"] = True
+        if parsed.scheme in ("redis", "rediss"):
             endpoint["host"] = parsed.hostname or endpoint["host"]
             endpoint["port"] = parsed.port or endpoint["port"]
             if parsed.path.strip("/"):
@@ -131,7 +142,7 @@ def _endpoint(config: dict[str, Any]) -> dict[str, Any]:
             if "db" in query:
                 endpoint["db"] = int(query["db"][0])
         else:
-            raise ValueError(f"store 'redis': url {url!r} must start with redis:// or unix://")
+            raise ValueError(f"store 'redis': url {url!r} must start with redis://, rediss:// or unix://")
         if parsed.username and not config["username"]:
             endpoint["username"] = urllib.parse.unquote(parsed.username)
         if parsed.password and not config["password"]:
