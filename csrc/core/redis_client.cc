@@ -425,6 +425,22 @@ std::string RedisConnection::read_reply(RedisReply* reply, size_t max_bulk) {
             error = read_exact(reinterpret_cast<uint8_t*>(reply->text.data()), reply->text.size());
             return error.empty() ? read_crlf() : error;
         }
+        case '*': {
+            int64_t count = 0;
+            if (!parse_integer(line.substr(1), &count)) return fail("protocol error: bad array length");
+            reply->elements.clear();
+            if (count < 0) {
+                reply->type = 'n';
+                return {};
+            }
+            if (count > 1 << 20) return fail("protocol error: unexpectedly large array");
+            reply->elements.resize(static_cast<size_t>(count));
+            for (RedisReply& element : reply->elements) {
+                error = read_reply(&element, max_bulk);
+                if (!error.empty()) return error;
+            }
+            return {};
+        }
         default:
             return fail("protocol error: unexpected reply type '" + line.substr(0, 1) + "'");
     }

@@ -37,11 +37,12 @@ struct RedisEndpoint {
     std::string describe() const;
 };
 
-// A RESP reply of a simple kind: status, error, integer, nil or a short bulk string.
+// A RESP reply: status, error, integer, nil, a short bulk string, or an array of replies.
 struct RedisReply {
-    char type = 0;  // '+', '-', ':', '$' (bulk), or 'n' (nil)
+    char type = 0;  // '+', '-', ':', '$' (bulk), '*' (array) or 'n' (nil)
     int64_t integer = 0;
     std::string text;  // status, error message or bulk bytes
+    std::vector<RedisReply> elements;
 };
 
 class RedisConnection {
@@ -59,7 +60,7 @@ public:
 
     // Sends every byte described by `iov` (any count; split for the kernel's IOV_MAX).
     std::string send(const std::vector<iovec>& iov);
-    // Reads one reply of a simple kind; bulk strings longer than `max_bulk` are an error.
+    // Reads one reply (arrays nested up to a few levels); bulk strings longer than `max_bulk` are an error.
     std::string read_reply(RedisReply* reply, size_t max_bulk = 1 << 20);
     // Reads the header of a reply expected to be a bulk string: `*length` is its size, or -1
     // for nil. An error reply sets `*server_error` (length untouched) and returns empty.

@@ -30,16 +30,21 @@
 namespace ucm {
 
 struct RedisStoreConfig {
-    RedisEndpoint endpoint;
+    RedisEndpoint endpoint;  // the server; in cluster mode, any node (the others are discovered)
+    bool cluster = false;
     std::string prefix = "ucm:";
     uint32_t num_shards = 1;
     size_t threads = 4;
     uint64_t ttl_s = 0;  // 0: keys do not expire (the server's eviction policy governs)
 };
 
+// The hash slot of a key in Redis Cluster: CRC16 of the key, or of its {hash tag}, modulo 16384.
+uint16_t redis_cluster_slot(const std::string& key);
+
 class RedisStore {
 public:
-    // Connects once to check the endpoint and credentials; throws std::runtime_error saying why not.
+    // Connects once to check the endpoint and credentials (and in cluster mode reads the slot map);
+    // throws std::runtime_error saying why not.
     explicit RedisStore(RedisStoreConfig config);
     ~RedisStore();
     RedisStore(const RedisStore&) = delete;
@@ -52,26 +57,39 @@ public:
     TaskPtr load(std::vector<ShardIO> items);
     std::string remove(const std::vector<std::string>& ids);
     void close();
+    // The nodes transfers go to (one without cluster mode), as host:port.
+    std::vector<std::string> nodes();
 
 private:
-    class Lease;
-    std::unique_ptr<RedisConnection> acquire();
-    void release(std::unique_ptr<RedisConnection> connection);
+    struct Node {
+        RedisEndpoint endpoint;
+        std::vector<std::unique_ptr<RedisConnection>> idle;
+    };
+    std::unique_ptr<RedisConnection> acquire(size_t node);
+    void release(size_t node, std::unique_ptr<RedisConnection> connection);
     std::string key_of(const std::string& id) const { return config_.prefix + id; }
-    // Sends `command key` for every id (pipelined) and hands each reply to on_reply; returns why
-    // not every reply came.
-    std::string for_each_key(const std::vector<std::string>& ids, const char* command,
-                             const std::function<void(size_t, const RedisReply&)>& on_reply);
-    // Runs `work` over a few ranges of the items on the pool (one connection each).
-    using RangeWork = std::vector<std::string> (RedisStore::*)(std::vector<ShardIO>&, size_t, size_t);
-    TaskPtr in_ranges(std::vector<ShardIO> items, RangeWork work);
-    std::vector<std::string> dump_range(std::vector<ShardIO>& items, size_t begin, size_t end);
-    std::vector<std::string> load_range(std::vector<ShardIO>& items, size_t begin, size_t end);
+    // Cluster mode: reads the slot map from any reachable node; returns why it could not.
+    std::string refresh_slots();
+    // The node holding each id's key, refreshing the slot map first where a reply said it moved.
+    std::vector<size_t> route(const std::vector<std::string>& ids);
+    void note_moved(const std::string& server_error);
+    // Sends `command key` for the ids at `picks` to one node (pipelined) and hands each reply to
+    // on_reply(index into picks); returns why not every reply came.
+    std::string for_each_key(size_t node, const std::vector<std::string>& ids, const std::vector<size_t>& picks,
+                             const char* command, const std::function<void(size_t, const RedisReply&)>& on_reply);
+    // Runs `work` over a few groups of the items, each group on one node, on the pool.
+    using GroupWork = std::vector<std::string> (RedisStore::*)(size_t, std::vector<ShardIO>&,
+                                                                const std::vector<size_t>&);
+    TaskPtr in_groups(std::vector<ShardIO> items, GroupWork work);
+    std::vector<std::string> dump_group(size_t node, std::vector<ShardIO>& items, const std::vector<size_t>& picks);
+    std::vector<std::string> load_group(size_t node, std::vector<ShardIO>& items, const std::vector<size_t>& picks);
     std::string read_shard(RedisConnection& connection, const ShardIO& item, bool* damaged);
 
     RedisStoreConfig config_;
     std::mutex mutex_;
-    std::vector<std::unique_ptr<RedisConnection>> idle_;
+    std::vector<Node> nodes_;
+    std::vector<uint16_t> slot_node_;  // cluster mode: the node of each of the 16384 slots
+    bool slots_stale_ = false;
     ThreadPool pool_;
 };
 

@@ -316,6 +316,7 @@ public:
         config.endpoint.tls_cert_file = endpoint["tls_cert_file"].cast<std::string>();
         config.endpoint.tls_key_file = endpoint["tls_key_file"].cast<std::string>();
         config.endpoint.tls_server_name = endpoint["tls_server_name"].cast<std::string>();
+        config.cluster = endpoint["cluster"].cast<bool>();
         config.prefix = std::move(prefix);
         config.num_shards = num_shards;
         config.threads = threads;
@@ -368,6 +369,8 @@ public:
         py::gil_scoped_release release;
         return store_->remove(keys);
     }
+
+    std::vector<std::string> nodes() { return store_->nodes(); }
 
     void close() {
         py::gil_scoped_release release;
@@ -526,6 +529,7 @@ PYBIND11_MODULE(_native, m) {
                         const py::object& shards) { return s.transfer(ids, buffers, shards, true); })
         .def("load_into", &PyRedisStore::load_into, py::arg("ids"), py::arg("sink"), py::arg("shards"))
         .def("remove", &PyRedisStore::remove)
+        .def("nodes", &PyRedisStore::nodes)
         .def("close", &PyRedisStore::close);
 
     py::class_<PyMemoryCache>(m, "MemoryCache")

@@ -90,13 +90,17 @@ def _decode(reader) -> object:
 class RedisServer:
     """One server process; ``stop()`` and ``start()`` again keep its port (restarts lose every key)."""
 
-    def __init__(self, workdir: Path, password: str | None = None, tls: dict | None = None):
-        """``tls``: ``{"cert", "key", "ca"}`` PEM paths; the server then speaks TLS only."""
+    def __init__(
+        self, workdir: Path, password: str | None = None, tls: dict | None = None, extra: list[str] | None = None
+    ):
+        """``tls``: ``{"cert", "key", "ca"}`` PEM paths; the server then speaks TLS only. ``extra``: more
+        server arguments (e.g. cluster mode)."""
         self.binary = require_server()
         self.workdir = workdir
         self.port = free_port()
         self.password = password
         self.tls = tls
+        self.extra = extra or []
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -108,6 +112,7 @@ class RedisServer:
     def start(self, detached: bool = False) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(self.workdir), "--daemonize", "no", "--protected-mode", "no"]
+        args += self.extra
         if self.password:
             args += ["--requirepass", self.password]
         if self.tls:
@@ -164,7 +169,7 @@ def restart_server(spec: dict) -> None:
     server = RedisServer.__new__(RedisServer)
     server.binary, server.port = spec["binary"], spec["port"]
     server.workdir, server.password, server.process = Path(spec["workdir"]), spec["password"], None
-    server.tls = None
+    server.tls, server.extra = None, []
     with contextlib.suppress(OSError):
         server.command("SHUTDOWN", "NOSAVE")
     deadline = time.monotonic() + 10
@@ -237,3 +242,53 @@ def make_certificates(directory: Path) -> dict:
         "client_cert": str(directory / "client.crt"),
         "client_key": str(directory / "client.key"),
     }
+
+
+class RedisCluster:
+    """Three primaries in cluster mode (no replicas), slots spread by ``redis-cli --cluster create``."""
+
+    def __init__(self, workdir: Path, size: int = 3):
+        self.servers = []
+        for n in range(size):
+            directory = workdir / f"node{n}"
+            extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf")]
+            extra += ["--cluster-node-timeout", "5000"]
+            self.servers.append(RedisServer(directory, extra=extra))
+        nodes = [f"127.0.0.1:{s.port}" for s in self.servers]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in s.command("CLUSTER", "INFO") for s in self.servers):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the test cluster did not reach cluster_state:ok")
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    def node_id(self, server: RedisServer) -> str:
+        return server.command("CLUSTER", "MYID").decode()
+
+    def move_slots(self, source: RedisServer, target: RedisServer, count: int) -> None:
+        """Reshard ``count`` slots, with their keys, from one primary to another (as an operator would)."""
+        subprocess.run(
+            ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source.port}", "--cluster-from", self.node_id(source)]
+            + ["--cluster-to", self.node_id(target), "--cluster-slots", str(count), "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        self.wait_ok()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

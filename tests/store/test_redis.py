@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 import pytest
-from redisserver import RedisServer, free_port, make_certificates
+from redisserver import RedisCluster, RedisServer, free_port, make_certificates
 from storetest import block_ids, payload
 
 from ucm.store import StoreError, open_store
@@ -203,3 +203,35 @@ def test_tls(tmp_path):
             open_store("redis", {"port": server.port, "timeout_s": 2.0})  # plain text to a TLS port
     finally:
         server.stop()
+
+
+def test_a_redis_cluster_spreads_blocks_over_its_primaries_and_follows_resharding(tmp_path):
+    cluster = RedisCluster(tmp_path / "cluster")
+    try:
+        with open_store("redis", {"url": cluster.url, "cluster": True, "prefix": "c:"}) as store:
+            assert len(store.nodes()) == 3
+            ids = block_ids(300, "cluster")
+            fill(store, ids, 2048)
+            assert store.lookup(ids) == [True] * 300
+            assert load_all(store, ids, 2048) == [payload(i, 0, 2048) for i in ids]
+            assert all(server.command("DBSIZE") > 50 for server in cluster.servers)
+            # An operator moves slots (with their keys) to another primary: the first load of a moved
+            # block misses (the server answers MOVED), the store reads the new slot map, and the
+            # block loads again.
+            source, target = cluster.servers[0], cluster.servers[1]
+            before = source.command("DBSIZE")
+            cluster.move_slots(source, target, 3000)
+            assert source.command("DBSIZE") < before
+            out = [bytearray(2048) for _ in ids]
+            try:
+                store.wait(store.load(ids, out))
+                failed = set()
+            except StoreError as exc:
+                failed = set(exc.ids)
+                assert all("MOVED" in exc.reasons[i] for i in failed)
+            assert failed, "the moved blocks should miss once"
+            assert all(bytes(b) == payload(i, 0, 2048) for b, i in zip(out, ids, strict=True) if i not in failed)
+            assert store.lookup(ids) == [True] * 300
+            assert load_all(store, ids, 2048) == [payload(i, 0, 2048) for i in ids]
+    finally:
+        cluster.stop()

@@ -46,6 +46,7 @@ class RedisStore(NativeStore):
         "ttl_s": Option(int, None, minimum=1, help="expire blocks this long after they were written"),
         "shard_bytes": Option(int, None, minimum=1, help="reject transfers whose buffers do not total this size"),
         "warn_interval_s": Option((int, float), 30.0, help="at most one warning per this many seconds on lookups"),
+        "cluster": Option(bool, False, help="Redis Cluster: the url names any node; the others are discovered"),
         "tls": Option(bool, False, help="connect with TLS (also set by a rediss:// url)"),
         "tls_ca_file": Option(str, None, help="CA certificates (PEM) to verify the server (default: the system's)"),
         "tls_cert_file": Option(str, None, help="client certificate (PEM), for servers that require one"),
@@ -95,6 +96,10 @@ class RedisStore(NativeStore):
             self._lookup_failed(error)
         return count
 
+    def nodes(self) -> list[str]:
+        """The servers blocks go to: one, or in cluster mode every primary that owns slots."""
+        return self._native.nodes()
+
     def prefetch(self, ids: Sequence[bytes]) -> None:
         pass  # the server holds blocks in memory already
 
@@ -114,6 +119,7 @@ def _endpoint(config: dict[str, Any]) -> dict[str, Any]:
         "password": config["password"] or "",
         "db": config["db"],
         "timeout_s": float(config["timeout_s"]),
+        "cluster": config["cluster"],
         "tls": config["tls"],
         "tls_verify": config["tls_verify"],
         "tls_ca_file": config["tls_ca_file"] or "",
