@@ -206,36 +206,6 @@ std::string RedisConnection::start_tls() {
     return {};
 }
 
-size_t RedisConnection::receive(uint8_t* out, size_t size, std::string* error, bool all) {
-    if (tls_ == nullptr) {
-        for (;;) {
-            ssize_t n = ::recv(fd_, out, size, all ? MSG_WAITALL : 0);
-            if (n > 0) return static_cast<size_t>(n);
-            if (n < 0 && errno == EINTR) continue;
-            *error = n == 0 ? fail("the server closed the connection")
-                     : (errno == EAGAIN || errno == EWOULDBLOCK) ? fail("timed out waiting for a reply")
-                                                                 : fail("receive failed: " + errno_text(errno));
-            return 0;
-        }
-    }
-    SSL* tls = static_cast<SSL*>(tls_);
-    int chunk = static_cast<int>(std::min<size_t>(size, 1 << 30));
-    errno = 0;
-    int n = SSL_read(tls, out, chunk);
-    if (n > 0) return static_cast<size_t>(n);
-    int code = SSL_get_error(tls, n);
-    if (code == SSL_ERROR_ZERO_RETURN) {
-        *error = fail("the server closed the connection");
-    } else if (code == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        *error = fail("timed out waiting for a reply");
-    } else if (code == SSL_ERROR_SYSCALL && errno == 0) {
-        *error = fail("the server closed the connection");
-    } else {
-        *error = fail("TLS read failed: " + tls_error_text());
-    }
-    return 0;
-}
-
 std::string RedisConnection::send_tls(const std::vector<iovec>& iov) {
     // Small pieces (command heads, trailers) are gathered so that a TLS record carries many.
     constexpr size_t kGather = 16 << 10;
@@ -281,20 +251,43 @@ std::string RedisConnection::start_tls() {
     return fail("this build of ucm-store has no TLS support (OpenSSL was not found when it was built)");
 }
 
-size_t RedisConnection::receive(uint8_t* out, size_t size, std::string* error, bool all) {
-    for (;;) {
-        ssize_t n = ::recv(fd_, out, size, all ? MSG_WAITALL : 0);
-        if (n > 0) return static_cast<size_t>(n);
-        if (n < 0 && errno == EINTR) continue;
-        *error = n == 0 ? fail("the server closed the connection")
-                 : (errno == EAGAIN || errno == EWOULDBLOCK) ? fail("timed out waiting for a reply")
-                                                             : fail("receive failed: " + errno_text(errno));
-        return 0;
-    }
-}
-
 std::string RedisConnection::send_tls(const std::vector<iovec>&) { return fail("no TLS support"); }
 #endif
+
+size_t RedisConnection::receive(uint8_t* out, size_t size, std::string* error, bool all) {
+    if (tls_ == nullptr) {
+        for (;;) {
+            ssize_t n = ::recv(fd_, out, size, all ? MSG_WAITALL : 0);
+            if (n > 0) return static_cast<size_t>(n);
+            if (n < 0 && errno == EINTR) continue;
+            *error = n == 0 ? fail("the server closed the connection")
+                     : (errno == EAGAIN || errno == EWOULDBLOCK) ? fail("timed out waiting for a reply")
+                                                                 : fail("receive failed: " + errno_text(errno));
+            return 0;
+        }
+    }
+#if defined(UCM_HAVE_TLS)
+    SSL* tls = static_cast<SSL*>(tls_);
+    int chunk = static_cast<int>(std::min<size_t>(size, 1 << 30));
+    errno = 0;
+    int n = SSL_read(tls, out, chunk);
+    if (n > 0) return static_cast<size_t>(n);
+    int code = SSL_get_error(tls, n);
+    if (code == SSL_ERROR_ZERO_RETURN) {
+        *error = fail("the server closed the connection");
+    } else if (code == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        *error = fail("timed out waiting for a reply");
+    } else if (code == SSL_ERROR_SYSCALL && errno == 0) {
+        *error = fail("the server closed the connection");
+    } else {
+        *error = fail("TLS read failed: " + tls_error_text());
+    }
+    return 0;
+#else
+    *error = fail("no TLS support");
+    return 0;
+#endif
+}
 
 std::string RedisConnection::handshake() {
     std::string out;
