@@ -142,7 +142,13 @@ def test_a_redis_restart_under_load_costs_misses_never_errors(pd):
             pd["redis"].start()
     for thread in threads:
         thread.join(300)
-    assert results == expected
+    errors = [r for r in results if not isinstance(r, tuple)]
+    assert not errors, errors
+    for got, want in zip(results, expected, strict=True):
+        # The same text and tokens. Logprobs to 1e-4: the decode server batched these requests
+        # together, and a batch's rounding differs from one request's (here in the 5th digit).
+        assert got[:2] == want[:2]
+        assert got[2] == pytest.approx(want[2], abs=1e-4)
     # Afterwards the store works again: a new prompt's chunks go through it.
     prompt = tokens(200, 6000)
     split = post(pd["proxy32"], "/v1/completions", completion(prompt))

@@ -251,7 +251,10 @@ class RedisCluster:
         self.servers = []
         for n in range(size):
             directory = workdir / f"node{n}"
+            # The cluster bus gets its own free port (by default it is the client port + 10000,
+            # which may be taken, or past 65535).
             extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf")]
+            extra += ["--cluster-port", str(free_port())]
             extra += ["--cluster-node-timeout", "5000"]
             self.servers.append(RedisServer(directory, extra=extra))
         nodes = [f"127.0.0.1:{s.port}" for s in self.servers]

@@ -71,7 +71,12 @@ def test_blocks_round_trip_with_gathered_buffers(master, tmp_path):
         ids = block_ids(40, "mc-round")
         data = [payload(i, 0, 50_000) for i in ids]
         # Each block dumped from three pieces (as the connector's staging slices), loaded into two.
-        store.wait(store.dump(ids, [[d[:1000], d[1000:30_000], d[30_000:]] for d in data]))
+        # The pieces are temporaries: the store must keep them alive until the task is over, though
+        # the caller dropped them and other buffers of the same size take their memory meanwhile.
+        task = store.dump(ids, [[bytearray(d[:1000]), bytearray(d[1000:30_000]), bytearray(d[30_000:])] for d in data])
+        scratch = [bytearray(b"\x5a" * size) for size in (1000, 29_000, 20_000) for _ in range(60)]
+        store.wait(task)
+        del scratch
         assert store.lookup(ids + block_ids(1, "mc-absent")) == [True] * 40 + [False]
         assert store.lookup_prefix(ids + block_ids(1, "mc-absent") + ids) == 40
         out = [[np.zeros(20_000, np.uint8), np.zeros(30_000, np.uint8)] for _ in ids]

@@ -170,12 +170,13 @@ class MooncakeStore(KVStore):
                 if sum(size for _, size in pieces[-1]) == 0:
                     raise ValueError(f"buffers[{n}] hold no bytes")
             keys = [self._key(i, s) for i, s in zip(ids, shards, strict=True)]
-            futures.append(self._pool.submit(self._run, load, ids, keys, pieces))
+            # `host` is passed along so that the buffers it holds live until the transfer is over.
+            futures.append(self._pool.submit(self._run, load, ids, keys, pieces, host))
 
         _, after = submit_staged(buffers, load, submit)
         return _Task(op, futures[0], after)
 
-    def _run(self, load: bool, ids: list[bytes], keys: list[str], pieces: list[list[tuple[int, int]]]):
+    def _run(self, load: bool, ids: list[bytes], keys: list[str], pieces: list[list[tuple[int, int]]], buffers: Any):
         failures: list[tuple[bytes, str]] = []
         registered = []
         try:
