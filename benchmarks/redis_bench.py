@@ -29,14 +29,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine import cpu_model, load_average, package_version  # noqa: E402
+from servers import free_port  # noqa: E402
 
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(binary: str, workdir: str) -> tuple[subprocess.Popen, int]:

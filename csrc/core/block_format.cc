@@ -1,6 +1,7 @@
 #include "block_format.h"
 
 #include <cstring>
+#include <string>
 
 #include "checksum.h"
 
@@ -48,6 +49,23 @@ std::string decode_trailer(const uint8_t in[kTrailerBytes], Trailer* trailer) {
     trailer->shard = get<uint32_t>(in, 32);
     trailer->num_shards = get<uint32_t>(in, 36);
     trailer->id.assign(reinterpret_cast<const char*>(in + 48), id_size);
+    return {};
+}
+
+const char kSizeMismatchPrefix[] = "stored shard holds ";
+
+std::string size_mismatch(uint64_t stored_bytes, uint64_t buffer_bytes) {
+    return kSizeMismatchPrefix + std::to_string(stored_bytes) + " bytes but the buffers hold " +
+           std::to_string(buffer_bytes);
+}
+
+std::string verify_trailer(const Trailer& trailer, const std::string& id, uint32_t shard, uint32_t num_shards,
+                           uint64_t payload_bytes, uint64_t checksum) {
+    if (trailer.id != id || trailer.shard != shard || trailer.num_shards != num_shards) {
+        return "stored shard belongs to another block or shard";
+    }
+    if (trailer.payload_bytes != payload_bytes) return size_mismatch(trailer.payload_bytes, payload_bytes);
+    if (trailer.checksum != checksum) return "checksum mismatch: the stored bytes are corrupt";
     return {};
 }
 

@@ -42,4 +42,14 @@ void encode_trailer(const Trailer& trailer, uint8_t out[kTrailerBytes]);
 // Parses and checks the trailer's own integrity; returns an empty string on success, else why not.
 std::string decode_trailer(const uint8_t in[kTrailerBytes], Trailer* trailer);
 
+// Every store's message for a shard whose stored size is not what the caller's buffers hold;
+// it starts with kSizeMismatchPrefix (a caller's mistake, not damage to the stored bytes).
+extern const char kSizeMismatchPrefix[];
+std::string size_mismatch(uint64_t stored_bytes, uint64_t buffer_bytes);
+
+// Checks a decoded trailer against the shard a load asked for (id, shard, num_shards, size) and
+// the checksum of the bytes read; returns an empty string when they match, else why not.
+std::string verify_trailer(const Trailer& trailer, const std::string& id, uint32_t shard, uint32_t num_shards,
+                           uint64_t payload_bytes, uint64_t checksum);
+
 }  // namespace ucm

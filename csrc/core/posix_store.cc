@@ -34,7 +34,7 @@ constexpr int64_t kTmpGraceSeconds = 600;  // a temporary file untouched this lo
 constexpr int64_t kLeaseSeconds = 120;     // an eviction lease older than this is abandoned
 constexpr const char* kLease = "evict.lease";  // in the root, while a process runs an eviction pass
 constexpr double kEvictTarget = 0.9;       // evict down to this fraction of the capacity
-const std::string kSizeMismatch = "stored shard holds ";  // the caller's buffers differ from the stored size
+const std::string kSizeMismatch = kSizeMismatchPrefix;  // the caller's buffers differ from the stored size
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -416,29 +416,11 @@ std::string PosixStore::explain_size_mismatch(int fd, size_t expected) const {
     ssize_t n = ::pread(fd, raw, kTrailerBytes, static_cast<off_t>(size - kTrailerBytes));
     if (n == static_cast<ssize_t>(kTrailerBytes) && decode_trailer(raw, &stored).empty() &&
         stored.payload_bytes == size - kTrailerBytes && stored.payload_bytes != expected) {
-        return kSizeMismatch + std::to_string(stored.payload_bytes) + " bytes but the buffers hold " +
-               std::to_string(expected);
+        return size_mismatch(stored.payload_bytes, expected);
     }
     return "stored shard is truncated or corrupt (" + std::to_string(size) + " bytes on disk, expected " +
            std::to_string(expected + kTrailerBytes) + ")";
 }
-
-namespace {
-
-std::string verify(const Trailer& trailer, const ShardIO& item, size_t total, uint32_t num_shards,
-                   uint64_t checksum) {
-    if (trailer.id != item.id || trailer.shard != item.shard || trailer.num_shards != num_shards) {
-        return "stored shard belongs to another block or shard";
-    }
-    if (trailer.payload_bytes != total) {
-        return kSizeMismatch + std::to_string(trailer.payload_bytes) + " bytes but the buffers hold " +
-               std::to_string(total);
-    }
-    if (trailer.checksum != checksum) return "checksum mismatch: the stored bytes are corrupt";
-    return {};
-}
-
-}  // namespace
 
 std::string PosixStore::check_trailer(int fd, const uint8_t* raw, const ShardIO& item, size_t total,
                                       uint64_t checksum) const {
@@ -448,7 +430,7 @@ std::string PosixStore::check_trailer(int fd, const uint8_t* raw, const ShardIO&
         std::string size_error = explain_size_mismatch(fd, total);
         return size_error.rfind(kSizeMismatch, 0) == 0 ? size_error : error;
     }
-    return verify(trailer, item, total, config_.num_shards, checksum);
+    return verify_trailer(trailer, item.id, item.shard, config_.num_shards, total, checksum);
 }
 
 std::string PosixStore::read_shard(int fd, const ShardIO& item) {
@@ -481,8 +463,7 @@ std::string PosixStore::read_shard_to_sink(int fd, const ShardIO& item) {
     // Each piece goes through a per-thread buffer small enough to stay in the CPU cache: read
     // into it, checksum it, hand it to the sink. The trailer comes with the last piece.
     size_t total = item.sink_bytes;
-    size_t granule = item.sink->granule();
-    size_t piece = std::max(granule, kPieceBytes / granule * granule);
+    size_t piece = sink_piece_bytes(*item.sink, kPieceBytes);
     uint8_t* bounce = direct_staging(std::min(piece, total) + kTrailerBytes);
     if (bounce == nullptr) return "out of memory for a read buffer";
     uint8_t raw[kTrailerBytes];
@@ -514,7 +495,7 @@ std::string PosixStore::read_shard_direct(int fd, const ShardIO& item) {
     Trailer trailer;
     std::string error = decode_trailer(staging + total, &trailer);
     if (!error.empty()) return error;
-    error = verify(trailer, item, total, config_.num_shards, Checksum::of(staging, total));
+    error = verify_trailer(trailer, item.id, item.shard, config_.num_shards, total, Checksum::of(staging, total));
     if (!error.empty()) return error;
     if (item.sink != nullptr) {
         item.sink->consume(item.sink_item, 0, staging, total);

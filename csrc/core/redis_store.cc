@@ -48,9 +48,7 @@ RedisStore::RedisStore(RedisStoreConfig config) : config_(std::move(config)), po
     if (config_.num_shards == 0) throw std::invalid_argument("num_shards must be at least 1");
     nodes_.push_back(Node{config_.endpoint, {}});
     std::string error;
-    auto connection = acquire(0);
-    error = connection->ensure();
-    release(0, std::move(connection));
+    release(0, acquire(0, &error));
     if (error.empty() && config_.cluster) error = refresh_slots();
     if (!error.empty()) {
         pool_.shutdown();
@@ -73,15 +71,20 @@ std::vector<std::string> RedisStore::nodes() {
     return out;
 }
 
-std::unique_ptr<RedisConnection> RedisStore::acquire(size_t node) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::vector<std::unique_ptr<RedisConnection>>& idle = nodes_[node].idle;
-    if (!idle.empty()) {
-        auto connection = std::move(idle.back());
-        idle.pop_back();
-        return connection;
+std::unique_ptr<RedisConnection> RedisStore::acquire(size_t node, std::string* error) {
+    std::unique_ptr<RedisConnection> connection;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        std::vector<std::unique_ptr<RedisConnection>>& idle = nodes_[node].idle;
+        if (idle.empty()) {
+            connection = std::make_unique<RedisConnection>(nodes_[node].endpoint);
+        } else {
+            connection = std::move(idle.back());
+            idle.pop_back();
+        }
     }
-    return std::make_unique<RedisConnection>(nodes_[node].endpoint);
+    *error = connection->ensure();
+    return connection;
 }
 
 void RedisStore::release(size_t node, std::unique_ptr<RedisConnection> connection) {
@@ -99,11 +102,10 @@ std::string RedisStore::refresh_slots() {
     }
     std::string error = "no node answered CLUSTER SLOTS";
     for (size_t node = 0; node < count; ++node) {
-        auto connection = acquire(node);
+        auto connection = acquire(node, &error);
         std::string command;
         RedisConnection::append_command(command, {"CLUSTER", "SLOTS"});
         RedisReply reply;
-        error = connection->ensure();
         if (error.empty()) error = connection->send({{command.data(), command.size()}});
         if (error.empty()) error = connection->read_reply(&reply);
         release(node, std::move(connection));
@@ -167,8 +169,8 @@ std::vector<size_t> RedisStore::route(const std::vector<std::string>& ids) {
 std::string RedisStore::for_each_key(size_t node, const std::vector<std::string>& ids,
                                      const std::vector<size_t>& picks, const char* command,
                                      const std::function<void(size_t, const RedisReply&)>& on_reply) {
-    auto connection = acquire(node);
-    std::string failure = connection->ensure();
+    std::string failure;
+    auto connection = acquire(node, &failure);
     for (size_t first = 0; failure.empty() && first < picks.size(); first += kLookupBatch) {
         size_t last = std::min(picks.size(), first + kLookupBatch);
         std::string commands;
@@ -286,12 +288,9 @@ std::vector<std::pair<size_t, size_t>> windows(const std::vector<ShardIO>& items
 std::vector<std::string> RedisStore::dump_group(size_t node, std::vector<ShardIO>& items,
                                                const std::vector<size_t>& picks) {
     size_t count = picks.size();
-    auto connection = acquire(node);
-    std::string error = connection->ensure();
-    if (!error.empty()) {
-        release(node, std::move(connection));
-        return all(count, error);
-    }
+    std::string error;
+    auto connection = acquire(node, &error);
+    if (!error.empty()) return all(count, error);  // the failed connection is dropped
     // Per shard: the command head, the caller's buffers as they are, the trailer (no copies).
     std::vector<std::string> heads(count);
     std::vector<std::string> tails(count);
@@ -353,12 +352,9 @@ std::vector<std::string> RedisStore::dump_group(size_t node, std::vector<ShardIO
 std::vector<std::string> RedisStore::load_group(size_t node, std::vector<ShardIO>& items,
                                                const std::vector<size_t>& picks) {
     size_t count = picks.size();
-    auto connection = acquire(node);
-    std::string error = connection->ensure();
-    if (!error.empty()) {
-        release(node, std::move(connection));
-        return all(count, error);
-    }
+    std::string error;
+    auto connection = acquire(node, &error);
+    if (!error.empty()) return all(count, error);  // the failed connection is dropped
     bool sharded = config_.num_shards > 1;
     auto send = [&](std::pair<size_t, size_t> window) {
         std::string commands;
@@ -406,8 +402,7 @@ std::vector<std::string> RedisStore::load_group(size_t node, std::vector<ShardIO
             } else if (static_cast<size_t>(length) != expected) {
                 why = static_cast<size_t>(length) < kTrailerBytes
                           ? "stored shard is truncated (" + std::to_string(length) + " bytes)"
-                          : "stored shard holds " + std::to_string(length - static_cast<int64_t>(kTrailerBytes)) +
-                                " bytes but the buffers hold " + std::to_string(item.total_bytes());
+                          : size_mismatch(static_cast<uint64_t>(length) - kTrailerBytes, item.total_bytes());
             }
             if (!why.empty()) {
                 errors[k] = why;
@@ -452,8 +447,7 @@ std::string RedisStore::read_shard(RedisConnection& connection, const ShardIO& i
     size_t total = item.total_bytes();
     if (item.sink != nullptr) {
         // Through a per-thread buffer that stays in the CPU cache: read, checksum, hand on.
-        size_t granule = item.sink->granule();
-        size_t piece = std::max(granule, kPieceBytes / granule * granule);
+        size_t piece = sink_piece_bytes(*item.sink, kPieceBytes);
         thread_local std::vector<uint8_t> bounce;
         if (bounce.size() < std::min(piece, total)) bounce.resize(std::min(piece, total));
         for (size_t offset = 0; offset < total && error.empty(); offset += piece) {
@@ -480,18 +474,8 @@ std::string RedisStore::read_shard(RedisConnection& connection, const ShardIO& i
     if (!error.empty()) return error;
     Trailer trailer;
     std::string why = decode_trailer(raw, &trailer);
-    if (why.empty()) {
-        if (trailer.id != item.id || trailer.shard != item.shard || trailer.num_shards != config_.num_shards) {
-            why = "stored shard belongs to another block or shard";
-        } else if (trailer.payload_bytes != total) {
-            why = "stored shard holds " + std::to_string(trailer.payload_bytes) + " bytes but the buffers hold " +
-                  std::to_string(total);
-        } else if (trailer.checksum != checksum.finish()) {
-            why = "checksum mismatch: the stored bytes are corrupt";
-        }
-    } else {
-        why = "stored shard is corrupt: " + why;
-    }
+    why = why.empty() ? verify_trailer(trailer, item.id, item.shard, config_.num_shards, total, checksum.finish())
+                      : "stored shard is corrupt: " + why;
     *damaged = !why.empty();
     return why;
 }

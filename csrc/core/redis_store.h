@@ -65,7 +65,9 @@ private:
         RedisEndpoint endpoint;
         std::vector<std::unique_ptr<RedisConnection>> idle;
     };
-    std::unique_ptr<RedisConnection> acquire(size_t node);
+    // An idle connection to `node`, or a new one, opened (connected, authenticated) when it was not;
+    // `*error` says why it could not be. Hand it back with release(), which drops a failed one.
+    std::unique_ptr<RedisConnection> acquire(size_t node, std::string* error);
     void release(size_t node, std::unique_ptr<RedisConnection> connection);
     std::string key_of(const std::string& id) const { return config_.prefix + id; }
     // Cluster mode: reads the slot map from any reachable node; returns why it could not.

@@ -23,4 +23,10 @@ public:
     virtual void consume(size_t item, size_t offset, const uint8_t* data, size_t size) = 0;
 };
 
+// The size of the pieces a store hands to `sink`: about `target` bytes, a multiple of its granule.
+inline size_t sink_piece_bytes(const ChunkSink& sink, size_t target) {
+    size_t granule = sink.granule();
+    return target > granule ? target / granule * granule : granule;
+}
+
 }  // namespace ucm
