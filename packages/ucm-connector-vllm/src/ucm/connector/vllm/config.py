@@ -26,6 +26,8 @@ class ConnectorConfig:
     namespace: str | None = None
     #: Load external hits asynchronously (other requests keep running while a load is in flight).
     load_async: bool = True
+    #: Sparse attention for decode (``ucm-sparse``): algorithm, budget, windows, stride (docs/sparse.md).
+    sparse: dict[str, Any] | None = None
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
@@ -46,6 +48,10 @@ class ConnectorConfig:
         chunk = extra.get("chunk_tokens")
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
             raise ValueError(f"UcmConnector: 'chunk_tokens' must be a positive integer, got {chunk!r}")
+        if extra.get("sparse") is not None:
+            if not isinstance(extra["sparse"], Mapping):
+                raise ValueError("UcmConnector: kv_connector_extra_config 'sparse' must be a dict")
+            extra["sparse"] = dict(extra["sparse"])
         config = cls(**extra)
         if not isinstance(config.store, str):
             raise ValueError(f"UcmConnector: 'store' must be a store name, got {config.store!r}")

@@ -66,6 +66,7 @@ class ChunkJob:
 class UcmConnectorMetadata(KVConnectorMetadata):
     loads: list[ChunkJob] = field(default_factory=list)
     saves: list[ChunkJob] = field(default_factory=list)
+    sparse: Any = None  # the sparse algorithm's per-step metadata
 
 
 @dataclass
@@ -119,6 +120,17 @@ class UcmConnector(KVConnectorBase_V1):
         self.store = open_store(self.config.store, store_config)
         self._warn_if_process_local(store_config, vllm_config.model_config.model)
         self._stats = UcmConnectorStats()
+        # Sparse attention: the scheduler side keeps its own instance; the worker side shares the
+        # one its attention layers use (ucm.connector.vllm.sparse).
+        self._sparse = None
+        if self.config.sparse is not None:
+            from ucm.connector.vllm import sparse
+
+            self._sparse = (
+                sparse.create_algorithm(self.config.sparse)
+                if role == KVConnectorRole.SCHEDULER
+                else sparse.worker_algorithm(vllm_config)
+            )
 
         # scheduler side
         self._requests: dict[str, _RequestState] = {}
@@ -217,6 +229,8 @@ class UcmConnector(KVConnectorBase_V1):
         seed = chunk_keys.request_seed(self.namespace, request.cache_salt, lora)
         state = _RequestState(request, chunk_keys.chunk_keys(seed, request.prompt_token_ids, self.chunk_tokens))
         self._requests[request.request_id] = state
+        if self._sparse is not None:
+            self._sparse.request_begin(request.request_id, len(request.prompt_token_ids))
         return state
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -279,6 +293,8 @@ class UcmConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = UcmConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
+        if self._sparse is not None:
+            meta.sparse = self._sparse.build_step_metadata(scheduler_output.num_scheduled_tokens)
         for job in meta.loads:
             state = self._requests.get(job.req_id)
             if state is not None:
@@ -311,6 +327,8 @@ class UcmConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves are copied out of the cache within their step, so the blocks can be freed at once.
         self._requests.pop(request.request_id, None)
+        if self._sparse is not None:
+            self._sparse.request_finished(request.request_id)
         return False, None
 
     # ==== worker side ======================================================================
@@ -330,6 +348,9 @@ class UcmConnector(KVConnectorBase_V1):
             # High priority: the copy's resident kernel gets its few SMs even while compute is queued.
             self._copy_stream = self._paged.api.Stream(device=self._paged.device, priority=-1)
             self._layerwise = LayerwiseCopyIn(self._paged, self._copy_stream)
+        if self._sparse is not None:
+            views = dict(zip(self._paged.layer_names, self._paged.views, strict=True))
+            self._sparse.register_kv_caches(views, self._paged.block_tokens)
         if self.tp_size > 1:
             from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -342,6 +363,12 @@ class UcmConnector(KVConnectorBase_V1):
             # for those copies on the device (the host does not wait).
             self._paged.api.current_stream(self._paged.device).wait_event(self._copying[-1].copied)
         meta = self._get_connector_metadata()
+        if self._sparse is not None:
+            self._sparse.step_begin(meta.sparse)
+            for job in meta.loads:  # the blocks' old content (and any summary of it) is gone
+                blocks = torch.tensor(job.block_ids, dtype=torch.long)
+                for name in self._paged.layer_names:
+                    self._sparse.blocks_written(name, blocks)
         for job in meta.loads:
             shards = [self._shard] * len(job.keys)
             started = time.perf_counter()
@@ -370,6 +397,8 @@ class UcmConnector(KVConnectorBase_V1):
             self._layerwise.wait_all()  # layers the forward pass did not announce
         if not self.has_connector_metadata():
             return
+        if self._sparse is not None:
+            self._sparse.step_end()
         for job in self._get_connector_metadata().saves:
             started = time.perf_counter()
             staging, buffer = self._staging.take(len(job.keys))

@@ -1,0 +1,1 @@
+"""The block-retrieval algorithms that come with ``ucm-sparse`` (entry points of the ``ucm.sparse`` group)."""

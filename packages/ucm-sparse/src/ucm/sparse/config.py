@@ -1,0 +1,69 @@
+"""The ``sparse`` settings: which algorithm, how many KV tokens a decode step may read, and when to re-select."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Settings shared by every block-retrieval algorithm; ``options`` holds the algorithm's own.
+
+    The budget is either ``budget_ratio`` (a share of the sequence's blocks, 1.0 = dense) or
+    ``budget_tokens`` (a fixed number of tokens); sequences within the budget are read whole.
+    """
+
+    algorithm: str = "block_mean"
+    budget_ratio: float | None = None
+    budget_tokens: int | None = None
+    sink_tokens: int = 1  # rounded up to whole blocks: at least the first block
+    recent_tokens: int = 1  # rounded up to whole blocks: at least the block being written
+    stride: int = 8  # decode steps between two selections of a sequence
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.algorithm, str) or not self.algorithm:
+            raise ValueError(f"sparse: 'algorithm' must be a plug-in name, got {self.algorithm!r}")
+        if (self.budget_ratio is None) == (self.budget_tokens is None):
+            raise ValueError("sparse: give exactly one of 'budget_ratio' (0 < r <= 1) and 'budget_tokens' (> 0)")
+        if self.budget_ratio is not None and not (
+            isinstance(self.budget_ratio, (int, float)) and 0 < self.budget_ratio <= 1
+        ):
+            raise ValueError(f"sparse: 'budget_ratio' must be in (0, 1], got {self.budget_ratio!r}")
+        for name in ("budget_tokens", "sink_tokens", "recent_tokens", "stride"):
+            value = getattr(self, name)
+            if value is None and name == "budget_tokens":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "sink_tokens" else 1):
+                raise ValueError(f"sparse: {name!r} must be a positive integer, got {value!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"sparse: 'options' must be a mapping, got {type(self.options).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparseConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"sparse: expected a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise ValueError(f"sparse: unknown setting(s) {names}; known: {', '.join(sorted(known))}")
+        settings = dict(data)
+        if "budget_ratio" not in settings and "budget_tokens" not in settings:
+            settings["budget_ratio"] = 1.0 / 8
+        return cls(**settings)
+
+    def windows(self, block_tokens: int) -> tuple[int, int]:
+        """Sink and recent windows in blocks (the recent window always holds the block being written)."""
+        return math.ceil(self.sink_tokens / block_tokens), max(1, math.ceil(self.recent_tokens / block_tokens))
+
+    def budget_blocks(self, num_blocks: int, block_tokens: int) -> int:
+        """How many of a sequence's ``num_blocks`` blocks a decode step reads."""
+        if self.budget_tokens is not None:
+            wanted = math.ceil(self.budget_tokens / block_tokens)
+        else:
+            wanted = math.ceil(self.budget_ratio * num_blocks - 1e-9)
+        sink, recent = self.windows(block_tokens)
+        return min(num_blocks, max(wanted, sink + recent))

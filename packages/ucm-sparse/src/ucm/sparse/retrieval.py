@@ -1,0 +1,189 @@
+"""``BlockRetrieval``: what every block-retrieval algorithm shares.
+
+A decode step of a long sequence reads its first blocks (the sink), its last blocks (the recent
+window, the block being written among them) and the middle blocks that score best, up to the
+token budget. An algorithm only says how a full block is summarised and how a query scores a
+block from its summary (:meth:`summary_spec`, :meth:`summarize`, :meth:`logits`).
+
+- Summaries are kept per physical block and per layer, computed when a retrieval first needs
+  them and forgotten when the engine writes the block again (:meth:`blocks_written`), so a
+  prefix shared by several requests is summarised once.
+- A sequence's choice is reused for ``stride`` decode steps and made again once its block being
+  written changes (the engine gives no request ids to attention, so a sequence is known by that
+  block, which no other running sequence can hold).
+- Sequences whose blocks fit in the budget are read whole, so a budget of 100% is dense attention.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm.sparse.base import UcmSparseBase
+from ucm.sparse.config import SparseConfig
+from ucm.sparse.kernels import reference
+
+
+@dataclass
+class _Choice:
+    blocks: torch.Tensor  # physical blocks read, in order (the block being written last)
+    steps_left: int
+
+
+@dataclass
+class _Layer:
+    key: torch.Tensor
+    value: torch.Tensor
+    summaries: dict[str, torch.Tensor] | None = None
+    valid: torch.Tensor | None = None  # [num_blocks] bool: the block's summary is current
+    choices: dict[int, _Choice] = field(default_factory=dict)  # block being written -> choice
+
+
+@dataclass
+class RetrievalStats:
+    """Counters since the last :meth:`BlockRetrieval.take_stats`."""
+
+    retrievals: int = 0  # selections made (rows x layers)
+    sparse_reads: int = 0  # decode rows x layers that read a subset
+    blocks_read: int = 0  # blocks those reads covered
+    blocks_total: int = 0  # blocks the same reads would have covered densely
+    summaries: int = 0  # block summaries computed
+
+
+class BlockRetrieval(UcmSparseBase, ABC):
+    """Block retrieval with sink and recent windows, a token budget and a retrieval stride."""
+
+    #: the names an algorithm accepts in ``options``
+    known_options: frozenset[str] = frozenset()
+
+    def __init__(self, config: SparseConfig):
+        super().__init__(config)
+        unknown = sorted(set(config.options) - self.known_options)
+        if unknown:
+            known = ", ".join(sorted(self.known_options)) or "none"
+            raise ValueError(
+                f"sparse: {config.algorithm} has no option(s) {', '.join(map(repr, unknown))}; known: {known}"
+            )
+        self.block_tokens = 0
+        self._layers: dict[str, _Layer] = {}
+        self.stats = RetrievalStats()
+
+    # ---- what an algorithm defines ----------------------------------------------------------
+    @abstractmethod
+    def summary_spec(
+        self, kv_heads: int, block_tokens: int, head_dim: int
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per block: name -> (shape, dtype) of each summary tensor."""
+
+    @abstractmethod
+    def summarize(self, key_cache: torch.Tensor, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Summaries of full physical ``blocks`` (each tensor ``[len(blocks), *shape]``)."""
+
+    @abstractmethod
+    def logits(
+        self, query: torch.Tensor, summaries: Mapping[str, torch.Tensor], block_tables: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Estimated logits ``[rows, kv_heads, group, blocks]`` of each query head for each block of the tables."""
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def register_kv_caches(self, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], block_tokens: int) -> None:
+        self.block_tokens = block_tokens
+        self._layers = {name: _Layer(key, value) for name, (key, value) in layers.items()}
+
+    def blocks_written(self, layer: str, blocks: torch.Tensor) -> None:
+        state = self._layers.get(layer)
+        if state is not None and state.valid is not None and blocks.numel():
+            state.valid[blocks.long()] = False
+
+    def take_stats(self) -> RetrievalStats:
+        stats, self.stats = self.stats, RetrievalStats()
+        return stats
+
+    def attention_begin(
+        self, layer: str, query: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        state = self._layers.get(layer)
+        if state is None:
+            raise KeyError(f"sparse: layer {layer!r} was not registered (registered: {len(self._layers)} layers)")
+        tokens = self.block_tokens
+        lens = seq_lens.tolist()
+        num_blocks = [(n + tokens - 1) // tokens for n in lens]
+        budgets = [self.config.budget_blocks(n, tokens) for n in num_blocks]
+        rows = [i for i, (n, b) in enumerate(zip(num_blocks, budgets, strict=True)) if b < n]
+        if not rows:
+            state.choices.clear()
+            return None
+        writing = [int(block_tables[i, num_blocks[i] - 1]) for i in rows]
+        due = [
+            i for i, w in zip(rows, writing, strict=True) if w not in state.choices or state.choices[w].steps_left <= 0
+        ]
+        choices = {w: state.choices[w] for w in writing if w in state.choices}
+        if due:
+            found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, budgets, scale)
+            for row, blocks in zip(due, found, strict=True):
+                choices[int(block_tables[row, num_blocks[row] - 1])] = _Choice(blocks, self.config.stride)
+            self.stats.retrievals += len(due)
+        state.choices = choices  # sequences not seen this step have finished or moved on
+        tables = block_tables.clone()
+        new_lens = seq_lens.clone()
+        for row, w in zip(rows, writing, strict=True):
+            choice = choices[w]
+            choice.steps_left -= 1
+            count = choice.blocks.numel()
+            tables[row, :count] = choice.blocks.to(tables.dtype)
+            new_lens[row] = (count - 1) * tokens + lens[row] - (num_blocks[row] - 1) * tokens
+            self.stats.blocks_read += count
+            self.stats.blocks_total += num_blocks[row]
+        self.stats.sparse_reads += len(rows)
+        return tables, new_lens
+
+    # ---- retrieval ------------------------------------------------------------------------------
+    def _ensure_summaries(self, state: _Layer, blocks: torch.Tensor) -> None:
+        if state.summaries is None:
+            num_blocks, kv_heads, tokens, head_dim = state.key.shape
+            spec = self.summary_spec(kv_heads, tokens, head_dim)
+            device = state.key.device
+            state.summaries = {
+                name: torch.zeros((num_blocks, *shape), dtype=dtype, device=device)
+                for name, (shape, dtype) in spec.items()
+            }
+            state.valid = torch.zeros(num_blocks, dtype=torch.bool, device=device)
+        blocks = blocks.unique()
+        stale = blocks[~state.valid[blocks]]
+        if stale.numel():
+            for name, value in self.summarize(state.key, stale).items():
+                state.summaries[name][stale] = value.to(state.summaries[name].dtype)
+            state.valid[stale] = True
+            self.stats.summaries += int(stale.numel())
+
+    def _retrieve(
+        self,
+        state: _Layer,
+        query: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        rows: list[int],
+        num_blocks: list[int],
+        budgets: list[int],
+        scale: float,
+    ) -> list[torch.Tensor]:
+        tokens = self.block_tokens
+        sink, recent = self.config.windows(tokens)
+        width = max(num_blocks[i] for i in rows)
+        index = torch.tensor(rows, device=block_tables.device)
+        tables = block_tables[index, :width].long()
+        counts = torch.tensor([num_blocks[i] for i in rows], device=tables.device)
+        position = torch.arange(width, device=tables.device)[None, :]
+        candidates = (position >= sink) & (position < counts[:, None] - recent)
+        self._ensure_summaries(state, tables[candidates])
+        # Positions that are not candidates read block 0's (unused) summary: any valid index will do.
+        safe = torch.where(candidates, tables, torch.zeros_like(tables))
+        logits = self.logits(query[index], state.summaries, safe, scale)
+        scores = reference.attention_share(logits, candidates)
+        budget = torch.tensor([budgets[i] for i in rows], device=tables.device)
+        chosen, chosen_counts = reference.select_blocks(scores, seq_lens[index], tokens, sink, recent, budget)
+        physical = torch.gather(tables, 1, chosen)
+        return [physical[r, : int(chosen_counts[r])].clone() for r in range(len(rows))]

@@ -1,0 +1,149 @@
+"""``BlockRetrieval`` and the plug-in contract: budgets, windows, stride, summaries kept per block, and settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ucm.sparse
+from ucm.sparse import SparseConfig
+from ucm.sparse.kernels import reference as ref
+
+BLOCK = 16
+KV_HEADS, Q_HEADS, DIM = 2, 4, 16
+NUM_BLOCKS = 64
+LAYER = "model.layers.0.self_attn.attn"
+
+
+def algorithm(name: str = "block_mean", **settings):
+    sparse = ucm.sparse.create({"algorithm": name, **settings})
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(NUM_BLOCKS, KV_HEADS, BLOCK, DIM, generator=generator)
+    values = torch.randn(NUM_BLOCKS, KV_HEADS, BLOCK, DIM, generator=generator)
+    sparse.register_kv_caches({LAYER: (keys, values)}, BLOCK)
+    return sparse, keys, values
+
+
+def decode_row(length: int, first_block: int = 0):
+    blocks = (length + BLOCK - 1) // BLOCK
+    table = torch.arange(first_block, first_block + blocks, dtype=torch.int32)[None, :]
+    return table, torch.tensor([length], dtype=torch.int32)
+
+
+def step(sparse, table, lens, seed: int = 0):
+    query = torch.randn(table.shape[0], Q_HEADS, DIM, generator=torch.Generator().manual_seed(seed))
+    return sparse.attention_begin(LAYER, query, table, lens, 1 / math.sqrt(DIM))
+
+
+@pytest.mark.parametrize("name", ["block_mean", "key_bounds", "hash_codes"])
+def test_the_installed_algorithms_are_found_by_name(name):
+    assert name in ucm.sparse.load_algorithm(name).__module__
+    assert {"block_mean", "key_bounds", "hash_codes"} <= set(
+        __import__("ucm.store.plugins", fromlist=["x"]).available_plugins("ucm.sparse")
+    )
+
+
+def test_a_sequence_within_the_budget_reads_everything():
+    sparse, _, _ = algorithm(budget_ratio=1.0)
+    assert step(sparse, *decode_row(40 * BLOCK + 3)) is None
+    sparse, _, _ = algorithm(budget_tokens=20 * BLOCK)
+    assert step(sparse, *decode_row(20 * BLOCK)) is None
+
+
+@pytest.mark.parametrize("name", ["block_mean", "key_bounds", "hash_codes"])
+def test_a_long_sequence_reads_its_windows_and_the_budget(name):
+    sparse, keys, values = algorithm(name, budget_tokens=8 * BLOCK, sink_tokens=2 * BLOCK, recent_tokens=BLOCK + 1)
+    table, lens = decode_row(40 * BLOCK + 5, first_block=10)
+    tables, new_lens = step(sparse, table, lens)
+    chosen = tables[0, :8].tolist()
+    assert chosen[:2] == [10, 11]  # sink
+    assert chosen[-2:] == [49, 50]  # recent: the last full block and the one being written (41 blocks from 10)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 8
+    assert new_lens.tolist() == [7 * BLOCK + 5]
+    # What the engine then reads equals attention over exactly those blocks.
+    query = torch.randn(1, Q_HEADS, DIM)
+    sparse_out = ref.paged_decode(query, keys, values, tables, new_lens, 0.25)
+    gathered = ref.paged_decode(query, keys, values, tables[:, :8], new_lens, 0.25)
+    torch.testing.assert_close(sparse_out, gathered)
+
+
+def test_a_ratio_budget_scales_with_the_sequence():
+    sparse, _, _ = algorithm(budget_ratio=0.25)
+    tables, lens = step(sparse, *decode_row(40 * BLOCK))
+    assert lens.tolist() == [10 * BLOCK]
+    tables, lens = step(sparse, *decode_row(20 * BLOCK, first_block=40))
+    assert lens.tolist() == [5 * BLOCK]
+
+
+def test_choices_are_reused_for_the_stride_and_made_again_after_it():
+    sparse, _, _ = algorithm(budget_tokens=6 * BLOCK, stride=3)
+    table, lens = decode_row(30 * BLOCK + 1)
+    for i in range(7):
+        step(sparse, table, lens + i, seed=i)
+    # Steps 0, 3 and 6 select; the others reuse (the block being written did not change).
+    assert sparse.take_stats().retrievals == 3
+
+
+def test_a_new_block_being_written_selects_again():
+    sparse, _, _ = algorithm(budget_tokens=6 * BLOCK, stride=100)
+    table, lens = decode_row(30 * BLOCK - 1)
+    step(sparse, table, lens)
+    step(sparse, table, lens + 1)  # fills the block: still the same block being written
+    next_table, next_lens = decode_row(30 * BLOCK + 1)
+    step(sparse, next_table, next_lens)
+    assert sparse.take_stats().retrievals == 2
+
+
+def test_summaries_are_made_once_per_block_and_again_after_it_is_written():
+    sparse, keys, _ = algorithm(budget_tokens=6 * BLOCK, stride=1)
+    table, lens = decode_row(30 * BLOCK + 1)
+    step(sparse, table, lens)
+    made = sparse.take_stats().summaries
+    assert made == 31 - 2  # the middle blocks: all 31 but the sink and the one being written
+    step(sparse, table, lens)
+    assert sparse.take_stats().summaries == 0
+    # The engine frees block 5 and writes a needle into it: its summary is made again, and it wins.
+    keys[5] = 0.0
+    keys[5, :, 0] = 50.0
+    sparse.blocks_written(LAYER, torch.tensor([5]))
+    query = torch.zeros(1, Q_HEADS, DIM)
+    query[..., 0] = 1.0
+    tables, _ = sparse.attention_begin(LAYER, query, table, lens, 1.0)
+    assert sparse.take_stats().summaries == 1
+    assert 5 in tables[0, :6].tolist()
+
+
+def test_shared_prefix_blocks_are_summarised_once_for_every_sequence():
+    sparse, _, _ = algorithm(budget_tokens=6 * BLOCK, stride=1)
+    prefix = torch.arange(0, 20, dtype=torch.int32)
+    tables = torch.stack([torch.cat([prefix, torch.tensor([30, 31])]), torch.cat([prefix, torch.tensor([40, 41])])])
+    lens = torch.tensor([22 * BLOCK, 22 * BLOCK], dtype=torch.int32)
+    step(sparse, tables.int(), lens)
+    assert sparse.take_stats().summaries == 19 + 2  # the prefix's middle blocks once, then each one's own
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"algorithm": "block_mean", "budget": 0.5}, "unknown setting.*'budget'"),
+        ({"algorithm": "block_mean", "budget_ratio": 1.5}, "budget_ratio"),
+        ({"algorithm": "block_mean", "budget_ratio": 0.5, "budget_tokens": 64}, "exactly one"),
+        ({"algorithm": "block_mean", "budget_tokens": 0}, "budget_tokens"),
+        ({"algorithm": "block_mean", "budget_ratio": 0.5, "stride": 0}, "stride"),
+        ({"algorithm": "block_mean", "budget_ratio": 0.5, "options": {"bits": 64}}, "no option.*'bits'"),
+        ({"algorithm": "hash_codes", "budget_ratio": 0.5, "options": {"bits": 12}}, "multiple of 8"),
+        ({"algorithm": "quest", "budget_ratio": 0.5}, "no 'ucm.sparse' plug-in named 'quest'.*block_mean"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_message_naming_them(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ucm.sparse.create(settings)
+
+
+def test_the_default_budget_is_an_eighth():
+    config = SparseConfig.from_dict({"algorithm": "key_bounds"})
+    assert config.budget_ratio == 1 / 8
+    assert config.budget_blocks(64, BLOCK) == 8
+    assert config.budget_blocks(4, BLOCK) == 2  # never below the sink and recent windows
