@@ -35,10 +35,11 @@ ENGINE_ENV = {
 }
 CONFIGS = [
     ("dense", None),
-    ("block_mean 1/8", {"algorithm": "block_mean", "budget_ratio": 0.125}),
-    ("block_mean 1/16", {"algorithm": "block_mean", "budget_ratio": 0.0625}),
-    ("key_bounds 1/8", {"algorithm": "key_bounds", "budget_ratio": 0.125}),
-    ("hash_codes 1/8", {"algorithm": "hash_codes", "budget_ratio": 0.125}),
+    ("block_mean 1/8, stride 8", {"algorithm": "block_mean", "budget_ratio": 0.125, "stride": 8}),
+    ("block_mean 1/16, stride 8", {"algorithm": "block_mean", "budget_ratio": 0.0625, "stride": 8}),
+    ("key_bounds 1/8, stride 8", {"algorithm": "key_bounds", "budget_ratio": 0.125, "stride": 8}),
+    ("key_bounds 1/8, stride 1", {"algorithm": "key_bounds", "budget_ratio": 0.125, "stride": 1}),
+    ("hash_codes 1/8, stride 8", {"algorithm": "hash_codes", "budget_ratio": 0.125, "stride": 8}),
 ]
 
 
