@@ -15,12 +15,15 @@ class SparseConfig:
     ``budget_tokens`` (a fixed number of tokens); sequences within the budget are read whole.
     """
 
-    algorithm: str = "block_mean"
+    # Defaults from the quality study (docs/benchmarks/sparse-quality.md): key bounds keep exact
+    # recall where a block's mean loses it, and choosing every step keeps it where reusing a choice
+    # for several steps does not.
+    algorithm: str = "key_bounds"
     budget_ratio: float | None = None
     budget_tokens: int | None = None
     sink_tokens: int = 1  # rounded up to whole blocks: at least the first block
     recent_tokens: int = 1  # rounded up to whole blocks: at least the block being written
-    stride: int = 8  # decode steps between two selections of a sequence
+    stride: int = 1  # decode steps between two selections of a sequence
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
