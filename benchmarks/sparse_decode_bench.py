@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument(
+        "--only", action="append", default=[], help="run the configurations whose label contains this (repeatable)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -124,6 +127,8 @@ def main() -> None:
     dense_step = dense_tokens = None
     with tempfile.TemporaryDirectory(prefix="ucm-sparse-bench-") as work:
         for label, sparse in CONFIGS:
+            if args.only and sparse is not None and not any(part in label for part in args.only):
+                continue
             spec = json.dumps(
                 {"sparse": sparse, "store": os.path.join(work, label.replace(" ", "-").replace("/", "_"))}
             )

@@ -109,6 +109,8 @@ class BlockRetrieval(UcmSparseBase, ABC):
         if state is None:
             raise KeyError(f"sparse: layer {layer!r} was not registered (registered: {len(self._layers)} layers)")
         tokens = self.block_tokens
+        if self.config.stride == 1:
+            return self._choose_every_step(state, query, block_tables, seq_lens, scale)
         lens = seq_lens.tolist()
         num_blocks = [(n + tokens - 1) // tokens for n in lens]
         budgets = [self.config.budget_blocks(n, tokens) for n in num_blocks]
@@ -187,3 +189,40 @@ class BlockRetrieval(UcmSparseBase, ABC):
         chosen, chosen_counts = reference.select_blocks(scores, seq_lens[index], tokens, sink, recent, budget)
         physical = torch.gather(tables, 1, chosen)
         return [physical[r, : int(chosen_counts[r])].clone() for r in range(len(rows))]
+
+    def _choose_every_step(
+        self, state: _Layer, query: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stride 1: every sparse row chooses again, all rows at once (no per-row bookkeeping)."""
+        tokens = self.block_tokens
+        sink, recent = self.config.windows(tokens)
+        lens = seq_lens.long()
+        num_blocks = (lens + tokens - 1) // tokens
+        if self.config.budget_tokens is not None:
+            wanted = torch.full_like(num_blocks, -(-self.config.budget_tokens // tokens))
+        else:
+            wanted = torch.ceil(num_blocks.double() * self.config.budget_ratio - 1e-9).long()
+        budgets = torch.minimum(num_blocks, wanted.clamp(min=sink + recent))
+        rows = (budgets < num_blocks).nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        counts = num_blocks[rows]
+        width = int(counts.max())
+        tables = block_tables[rows, :width].long()
+        position = torch.arange(width, device=tables.device)[None, :]
+        candidates = (position >= sink) & (position < counts[:, None] - recent)
+        self._ensure_summaries(state, tables[candidates])
+        safe = torch.where(candidates, tables, torch.zeros_like(tables))
+        scores = reference.attention_share(self.logits(query[rows], state.summaries, safe, scale), candidates)
+        chosen, chosen_counts = reference.select_blocks(scores, seq_lens[rows], tokens, sink, recent, budgets[rows])
+        out_tables = block_tables.clone()
+        # Slots past a row's count repeat its last block: never read, the new length ends before them.
+        out_tables[rows, : chosen.shape[1]] = torch.gather(tables, 1, chosen).to(block_tables.dtype)
+        tail = lens[rows] - (counts - 1) * tokens
+        out_lens = seq_lens.clone()
+        out_lens[rows] = ((chosen_counts - 1) * tokens + tail).to(seq_lens.dtype)
+        self.stats.retrievals += rows.numel()
+        self.stats.sparse_reads += rows.numel()
+        self.stats.blocks_read += int(chosen_counts.sum())
+        self.stats.blocks_total += int(counts.sum())
+        return out_tables, out_lens
