@@ -19,7 +19,10 @@ from connectortest import HITS, EngineResult, assert_same_outputs, engine, phase
 LONG_PROMPTS = [tokens(700, 500), tokens(1000, 501)]
 SHORT_PROMPT = tokens(90, 502)
 PHASES = [{**phase("decode", LONG_PROMPTS + [SHORT_PROMPT]), "max_tokens": 24}]
-BUDGET = {"budget_tokens": 128, "sink_tokens": 32, "recent_tokens": 64, "stride": 4}
+# Stride 1 (the default: a choice every step, all sequences at once) for block_mean and the probe;
+# stride 4 (choices kept per sequence) for the other two.
+BUDGET = {"budget_tokens": 128, "sink_tokens": 32, "recent_tokens": 64, "stride": 1}
+STRIDE_4 = {**BUDGET, "stride": 4}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,8 @@ def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
             "control",
             {"algorithm": "poison-unselected", **BUDGET, "options": {"report": control, "poison_chosen": True}},
         ),
-        run("key-bounds", {"algorithm": "key_bounds", **BUDGET}),
-        run("hash-codes", {"algorithm": "hash_codes", **BUDGET}),
+        run("key-bounds", {"algorithm": "key_bounds", **STRIDE_4}),
+        run("hash-codes", {"algorithm": "hash_codes", **STRIDE_4}),
         # A fresh engine loading the prompts block-mean stored, then decoding sparsely.
         run("block-mean-warm", {"algorithm": "block_mean", **BUDGET}, root="block-mean"),
         run("bad-setting", {"algorithm": "block_mean", "budget": 0.5}, expect_error=True),

@@ -147,3 +147,26 @@ def test_the_default_budget_is_an_eighth():
     assert config.budget_ratio == 1 / 8
     assert config.budget_blocks(64, BLOCK) == 8
     assert config.budget_blocks(4, BLOCK) == 2  # never below the sink and recent windows
+
+
+@pytest.mark.parametrize("name", ["block_mean", "key_bounds", "hash_codes"])
+@pytest.mark.parametrize("budget", [{"budget_ratio": 0.125}, {"budget_tokens": 100, "sink_tokens": 40}])
+def test_choosing_every_step_for_the_whole_batch_matches_choosing_per_sequence(name, budget):
+    # Stride 1 takes a batched path of its own; a first choice at any stride is the same choice.
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(400, KV_HEADS, BLOCK, DIM, generator=generator)
+    every_step = ucm.sparse.create({"algorithm": name, "stride": 1, **budget})
+    per_sequence = ucm.sparse.create({"algorithm": name, "stride": 2, **budget})
+    for sparse in (every_step, per_sequence):
+        sparse.register_kv_caches({LAYER: (keys, keys)}, BLOCK)
+    lens = torch.tensor([700, 33, 1000, 200, 16 * 40], dtype=torch.int32)
+    # Distinct blocks per sequence, as the engine gives running sequences.
+    tables = torch.randperm(400, generator=generator)[: 5 * 63].view(5, 63).int()
+    query = torch.randn(5, Q_HEADS, DIM, generator=generator)
+    got = every_step.attention_begin(LAYER, query, tables, lens, 0.25)
+    want = per_sequence.attention_begin(LAYER, query, tables, lens, 0.25)
+    assert torch.equal(got[1], want[1])
+    assert got[1].tolist() != lens.tolist()  # some sequences did read a subset
+    for row in range(5):
+        used = (int(got[1][row]) + BLOCK - 1) // BLOCK
+        assert torch.equal(got[0][row, :used], want[0][row, :used])
