@@ -29,6 +29,7 @@ STRIDE_4 = {**BUDGET, "stride": 4}
 def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
     base = tmp_path_factory.mktemp("sparse")
     report = str(base / "probe.json")
+    report4 = str(base / "probe4.json")
     control = str(base / "control.json")
 
     def run(name: str, sparse: dict | None, root: str | None = None, **extra) -> dict:
@@ -44,6 +45,9 @@ def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
             "control",
             {"algorithm": "poison-unselected", **BUDGET, "options": {"report": control, "poison_chosen": True}},
         ),
+        # The same at stride 4, where choices are kept per sequence between steps.
+        run("block-mean-4", {"algorithm": "block_mean", **STRIDE_4}),
+        run("probe-4", {"algorithm": "poison-unselected", **STRIDE_4, "options": {"report": report4}}),
         run("key-bounds", {"algorithm": "key_bounds", **STRIDE_4}),
         run("hash-codes", {"algorithm": "hash_codes", **STRIDE_4}),
         # A fresh engine loading the prompts block-mean stored, then decoding sparsely.
@@ -53,6 +57,7 @@ def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
     ]
     results = run_engines(specs, base / "engines")
     results["probe-report"] = json.loads(open(report).read())
+    results["probe4-report"] = json.loads(open(report4).read())
     results["control-report"] = json.loads(open(control).read())
     return results
 
@@ -61,9 +66,10 @@ def test_a_full_budget_gives_dense_outputs(sparse_run):
     assert_same_outputs(EngineResult(sparse_run["full-budget"]), EngineResult(sparse_run["dense"]), "decode")
 
 
-def test_decode_reads_only_the_chosen_blocks(sparse_run):
-    probe, chosen = EngineResult(sparse_run["probe"]), EngineResult(sparse_run["block-mean"])
-    report = sparse_run["probe-report"]
+@pytest.mark.parametrize(("probe_name", "chosen_name"), [("probe", "block-mean"), ("probe-4", "block-mean-4")])
+def test_decode_reads_only_the_chosen_blocks(sparse_run, probe_name, chosen_name):
+    probe, chosen = EngineResult(sparse_run[probe_name]), EngineResult(sparse_run[chosen_name])
+    report = sparse_run[probe_name.replace("-", "") + "-report"]
     # Every decode step of both long prompts in both layers read a subset, within the budget ...
     assert report["sparse_rows"] >= 2 * 2 * (PHASES[0]["max_tokens"] - 1)
     assert report["over_budget_rows"] == 0

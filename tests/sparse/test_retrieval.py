@@ -170,3 +170,17 @@ def test_choosing_every_step_for_the_whole_batch_matches_choosing_per_sequence(n
     for row in range(5):
         used = (int(got[1][row]) + BLOCK - 1) // BLOCK
         assert torch.equal(got[0][row, :used], want[0][row, :used])
+
+
+def test_a_kept_choice_never_follows_a_freed_block_to_another_sequence():
+    sparse, _, _ = algorithm("key_bounds", budget_tokens=4 * BLOCK, stride=8)
+    first = torch.arange(0, 20, dtype=torch.int32)[None, :]  # ends in block 19, being written
+    chosen, _ = step(sparse, first, torch.tensor([20 * BLOCK - 3], dtype=torch.int32))
+    first_choice = set(chosen[0, :4].tolist())
+    # That request finishes; block 19 goes to a new sequence as its block being written.
+    other = torch.tensor([[40, 41, 42, 43, 44, 45, 46, 47, 19]], dtype=torch.int32)
+    tables, lens = step(sparse, other, torch.tensor([9 * BLOCK - 3], dtype=torch.int32))
+    read = set(tables[0, : (int(lens[0]) + BLOCK - 1) // BLOCK].tolist())
+    assert read <= set(other[0].tolist()), f"read another request's blocks {sorted(read - set(other[0].tolist()))}"
+    assert read != first_choice
+    assert sparse.take_stats().retrievals == 2

@@ -32,15 +32,19 @@ class SparseConfig:
         if (self.budget_ratio is None) == (self.budget_tokens is None):
             raise ValueError("sparse: give exactly one of 'budget_ratio' (0 < r <= 1) and 'budget_tokens' (> 0)")
         if self.budget_ratio is not None and not (
-            isinstance(self.budget_ratio, (int, float)) and 0 < self.budget_ratio <= 1
+            isinstance(self.budget_ratio, (int, float))
+            and not isinstance(self.budget_ratio, bool)
+            and 0 < self.budget_ratio <= 1
         ):
             raise ValueError(f"sparse: 'budget_ratio' must be in (0, 1], got {self.budget_ratio!r}")
         for name in ("budget_tokens", "sink_tokens", "recent_tokens", "stride"):
             value = getattr(self, name)
             if value is None and name == "budget_tokens":
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "sink_tokens" else 1):
-                raise ValueError(f"sparse: {name!r} must be a positive integer, got {value!r}")
+            least = 0 if name == "sink_tokens" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise ValueError(f"sparse: {name!r} must be {kind} integer, got {value!r}")
         if not isinstance(self.options, dict):
             raise ValueError(f"sparse: 'options' must be a mapping, got {type(self.options).__name__}")
 

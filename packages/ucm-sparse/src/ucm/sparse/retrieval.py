@@ -10,7 +10,10 @@ block from its summary (:meth:`summary_spec`, :meth:`summarize`, :meth:`logits`)
   prefix shared by several requests is summarised once.
 - A sequence's choice is reused for ``stride`` decode steps and made again once its block being
   written changes (the engine gives no request ids to attention, so a sequence is known by that
-  block, which no other running sequence can hold).
+  block, which no other running sequence can hold). A kept choice is used only while it still
+  fits the sequence: the same first block, a length a few steps on, and every chosen block still
+  in its table, so a block freed by a finished request and handed to another never carries the
+  old request's choice along.
 - Sequences whose blocks fit in the budget are read whole, so a budget of 100% is dense attention.
 """
 
@@ -31,6 +34,15 @@ from ucm.sparse.kernels import reference
 class _Choice:
     blocks: torch.Tensor  # physical blocks read, in order (the block being written last)
     steps_left: int
+    first_block: int  # the sequence's first block when chosen
+    seq_len: int  # its length at the last use
+
+    def fits(self, table_row: torch.Tensor, seq_len: int, num_blocks: int) -> bool:
+        """Still this sequence's choice: the same first block, a length a few steps on, and every
+        chosen block still in the sequence's table (a freed block may be handed to another one)."""
+        if int(table_row[0]) != self.first_block or not 0 < seq_len - self.seq_len <= self.steps_left:
+            return False
+        return bool(torch.isin(self.blocks, table_row[:num_blocks].to(self.blocks.dtype)).all())
 
 
 @dataclass
@@ -119,14 +131,19 @@ class BlockRetrieval(UcmSparseBase, ABC):
             state.choices.clear()
             return None
         writing = [int(block_tables[i, num_blocks[i] - 1]) for i in rows]
-        due = [
-            i for i, w in zip(rows, writing, strict=True) if w not in state.choices or state.choices[w].steps_left <= 0
-        ]
-        choices = {w: state.choices[w] for w in writing if w in state.choices}
+        choices = {}
+        due = []
+        for i, w in zip(rows, writing, strict=True):
+            kept = state.choices.get(w)
+            if kept is not None and kept.steps_left > 0 and kept.fits(block_tables[i], lens[i], num_blocks[i]):
+                choices[w] = kept
+            else:
+                due.append(i)
         if due:
             found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, budgets, scale)
             for row, blocks in zip(due, found, strict=True):
-                choices[int(block_tables[row, num_blocks[row] - 1])] = _Choice(blocks, self.config.stride)
+                first = int(block_tables[row, 0])
+                choices[writing[rows.index(row)]] = _Choice(blocks, self.config.stride, first, lens[row] - 1)
             self.stats.retrievals += len(due)
         state.choices = choices  # sequences not seen this step have finished or moved on
         tables = block_tables.clone()
@@ -134,6 +151,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
         for row, w in zip(rows, writing, strict=True):
             choice = choices[w]
             choice.steps_left -= 1
+            choice.seq_len = lens[row]
             count = choice.blocks.numel()
             tables[row, :count] = choice.blocks.to(tables.dtype)
             new_lens[row] = (count - 1) * tokens + lens[row] - (num_blocks[row] - 1) * tokens

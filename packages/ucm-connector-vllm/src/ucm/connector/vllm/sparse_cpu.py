@@ -33,6 +33,15 @@ class SparseCpuImpl(CPUAttentionBackendImpl):
                 raise ValueError("UcmConnector: sparse attention does not apply to sliding-window attention layers")
             if self.alibi_slopes is not None or self.sinks is not None:
                 raise ValueError("UcmConnector: sparse attention does not support ALiBi or attention-sink models")
+            if self.is_fp8_kv_cache:
+                raise ValueError(
+                    f"UcmConnector: sparse attention does not support an fp8 KV cache (kv_cache_dtype "
+                    f"{self.kv_cache_dtype!r}) yet: its block summaries would read scaled bytes as keys"
+                )
+            if self.kv_sharing_target_layer_name is not None:
+                raise ValueError(
+                    "UcmConnector: sparse attention does not support layers that share another layer's KV cache"
+                )
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)

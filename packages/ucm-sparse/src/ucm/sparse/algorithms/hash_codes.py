@@ -22,10 +22,12 @@ class HashCodes(BlockRetrieval):
 
     def __init__(self, config: SparseConfig):
         super().__init__(config)
-        self.bits = int(config.options.get("bits", 128))
-        if self.bits <= 0 or self.bits % 8:
-            raise ValueError(f"sparse: hash_codes option 'bits' must be a positive multiple of 8, got {self.bits}")
-        self.seed = int(config.options.get("seed", 0))
+        self.bits = config.options.get("bits", 128)
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits <= 0 or self.bits % 8:
+            raise ValueError(f"sparse: hash_codes option 'bits' must be a positive multiple of 8, got {self.bits!r}")
+        self.seed = config.options.get("seed", 0)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"sparse: hash_codes option 'seed' must be an integer, got {self.seed!r}")
         self._planes: torch.Tensor | None = None
 
     def _planes_for(self, kv_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
