@@ -179,6 +179,32 @@ class BlockRetrieval(UcmSparseBase, ABC):
             state.valid[stale] = True
             self.stats.summaries += int(stale.numel())
 
+    def _choose(
+        self,
+        state: _Layer,
+        query: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        rows: torch.Tensor,
+        counts: torch.Tensor,
+        budgets: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and choose for ``rows`` (``counts`` blocks each): their physical blocks
+        ``[rows, max budget]`` in order, and how many of each row's are chosen."""
+        tokens = self.block_tokens
+        sink, recent = self.config.windows(tokens)
+        width = int(counts.max())
+        tables = block_tables[rows, :width].long()
+        position = torch.arange(width, device=tables.device)[None, :]
+        candidates = (position >= sink) & (position < counts[:, None] - recent)
+        self._ensure_summaries(state, tables[candidates])
+        # Positions that are not candidates read block 0's (unused) summary: any valid index will do.
+        safe = torch.where(candidates, tables, torch.zeros_like(tables))
+        scores = reference.attention_share(self.logits(query[rows], state.summaries, safe, scale), candidates)
+        chosen, chosen_counts = reference.select_blocks(scores, seq_lens[rows], tokens, sink, recent, budgets)
+        return torch.gather(tables, 1, chosen), chosen_counts
+
     def _retrieve(
         self,
         state: _Layer,
@@ -190,22 +216,17 @@ class BlockRetrieval(UcmSparseBase, ABC):
         budgets: list[int],
         scale: float,
     ) -> list[torch.Tensor]:
-        tokens = self.block_tokens
-        sink, recent = self.config.windows(tokens)
-        width = max(num_blocks[i] for i in rows)
-        index = torch.tensor(rows, device=block_tables.device)
-        tables = block_tables[index, :width].long()
-        counts = torch.tensor([num_blocks[i] for i in rows], device=tables.device)
-        position = torch.arange(width, device=tables.device)[None, :]
-        candidates = (position >= sink) & (position < counts[:, None] - recent)
-        self._ensure_summaries(state, tables[candidates])
-        # Positions that are not candidates read block 0's (unused) summary: any valid index will do.
-        safe = torch.where(candidates, tables, torch.zeros_like(tables))
-        logits = self.logits(query[index], state.summaries, safe, scale)
-        scores = reference.attention_share(logits, candidates)
-        budget = torch.tensor([budgets[i] for i in rows], device=tables.device)
-        chosen, chosen_counts = reference.select_blocks(scores, seq_lens[index], tokens, sink, recent, budget)
-        physical = torch.gather(tables, 1, chosen)
+        device = block_tables.device
+        physical, chosen_counts = self._choose(
+            state,
+            query,
+            block_tables,
+            seq_lens,
+            torch.tensor(rows, device=device),
+            torch.tensor([num_blocks[i] for i in rows], device=device),
+            torch.tensor([budgets[i] for i in rows], device=device),
+            scale,
+        )
         return [physical[r, : int(chosen_counts[r])].clone() for r in range(len(rows))]
 
     def _choose_every_step(
@@ -225,17 +246,10 @@ class BlockRetrieval(UcmSparseBase, ABC):
         if rows.numel() == 0:
             return None
         counts = num_blocks[rows]
-        width = int(counts.max())
-        tables = block_tables[rows, :width].long()
-        position = torch.arange(width, device=tables.device)[None, :]
-        candidates = (position >= sink) & (position < counts[:, None] - recent)
-        self._ensure_summaries(state, tables[candidates])
-        safe = torch.where(candidates, tables, torch.zeros_like(tables))
-        scores = reference.attention_share(self.logits(query[rows], state.summaries, safe, scale), candidates)
-        chosen, chosen_counts = reference.select_blocks(scores, seq_lens[rows], tokens, sink, recent, budgets[rows])
+        physical, chosen_counts = self._choose(state, query, block_tables, seq_lens, rows, counts, budgets[rows], scale)
         out_tables = block_tables.clone()
         # Slots past a row's count repeat its last block: never read, the new length ends before them.
-        out_tables[rows, : chosen.shape[1]] = torch.gather(tables, 1, chosen).to(block_tables.dtype)
+        out_tables[rows, : physical.shape[1]] = physical.to(block_tables.dtype)
         tail = lens[rows] - (counts - 1) * tokens
         out_lens = seq_lens.clone()
         out_lens[rows] = ((chosen_counts - 1) * tokens + tail).to(seq_lens.dtype)
