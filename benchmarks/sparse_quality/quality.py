@@ -44,10 +44,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import ByteLM, LMConfig, file_meta, load_model  # noqa: E402
 from train_lm import DIGITS, heldout_windows, load_corpus, needle, query, random_digits, snap_to_line  # noqa: E402
 
+from ucm.sparse.algorithms.block_mean import BlockMean  # noqa: E402
+from ucm.sparse.algorithms.hash_codes import HashCodes  # noqa: E402
+from ucm.sparse.algorithms.key_bounds import KeyBounds  # noqa: E402
+from ucm.sparse.config import SparseConfig  # noqa: E402
 from ucm.sparse.kernels import reference as ref  # noqa: E402
 
-ALGORITHMS = ("block_mean", "key_bounds", "hash_codes")
-HASH_BITS = 128
+# The classes themselves, not the entry points: the GPU machine has ucm-sparse on PYTHONPATH only.
+ALGORITHM_CLASSES = {"block_mean": BlockMean, "key_bounds": KeyBounds, "hash_codes": HashCodes}
+ALGORITHMS = tuple(ALGORITHM_CLASSES)
 
 # ---- paged cache -------------------------------------------------------------------------------
 
@@ -90,44 +95,29 @@ class PagedCache:
 
 
 class Summaries:
-    """One algorithm's per-physical-block summaries for every layer."""
+    """One algorithm's per-physical-block summaries for every layer: the algorithm class's own
+    summaries and logits (``ucm.sparse.algorithms``); this script does the choosing and attending."""
 
     def __init__(self, algorithm: str, cache: PagedCache, cfg: LMConfig, device):
-        self.algorithm, self.cache = algorithm, cache
+        if algorithm not in ALGORITHM_CLASSES:
+            raise ValueError(f"unknown algorithm {algorithm!r}")
+        # The budget is this script's (select_blocks below); the class only summarises and scores.
+        self.algorithm = ALGORITHM_CLASSES[algorithm](SparseConfig(algorithm=algorithm, budget_ratio=1.0))
+        self.cache = cache
         num = cache.keys[0].shape[0]
-        heads, block, dim = cfg.kv_heads, cache.block, cfg.head_dim
-        self.planes = ref.hash_planes(heads, dim, bits=HASH_BITS, seed=0, device=device)
-        self.data = []
-        for _ in range(cfg.layers):
-            if algorithm == "block_mean":
-                self.data.append([torch.zeros(num, heads, dim, device=device)])
-            elif algorithm == "key_bounds":
-                self.data.append([torch.zeros(num, 2, heads, dim, device=device)])
-            elif algorithm == "hash_codes":
-                codes = torch.zeros(num, heads, block, HASH_BITS // 8, dtype=torch.uint8, device=device)
-                self.data.append([codes, torch.zeros(num, heads, block, device=device)])
-            else:
-                raise ValueError(f"unknown algorithm {algorithm!r}")
+        spec = self.algorithm.summary_spec(cfg.kv_heads, cache.block, cfg.head_dim)
+        self.data = [
+            {name: torch.zeros((num, *shape), dtype=dtype, device=device) for name, (shape, dtype) in spec.items()}
+            for _ in range(cfg.layers)
+        ]
 
     def update(self, layer: int, blocks: torch.Tensor) -> None:
         """Summarise full physical ``blocks`` of ``layer``."""
-        keys = self.cache.keys[layer]
-        if self.algorithm == "block_mean":
-            self.data[layer][0][blocks] = ref.mean_keys(keys, blocks)
-        elif self.algorithm == "key_bounds":
-            self.data[layer][0][blocks] = ref.key_bounds(keys, blocks)
-        else:
-            codes, norms = ref.key_codes(keys, blocks, self.planes)
-            self.data[layer][0][blocks] = codes
-            self.data[layer][1][blocks] = norms
+        for name, value in self.algorithm.summarize(self.cache.keys[layer], blocks).items():
+            self.data[layer][name][blocks] = value.to(self.data[layer][name].dtype)
 
     def logits(self, layer: int, q: torch.Tensor, tables: torch.Tensor, scale: float) -> torch.Tensor:
-        if self.algorithm == "block_mean":
-            return ref.block_mean_logits(q, self.data[layer][0], tables, scale)
-        if self.algorithm == "key_bounds":
-            return ref.key_bound_logits(q, self.data[layer][0], tables, scale)
-        codes, norms = self.data[layer]
-        return ref.hash_logits(q, codes, norms, self.planes, tables, scale)
+        return self.algorithm.logits(q, self.data[layer], tables, scale)
 
 
 def masked_attention(
