@@ -141,9 +141,10 @@ class BlockRetrieval(UcmSparseBase, ABC):
                 due.append(i)
         if due:
             found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, budgets, scale)
+            writing_of = dict(zip(rows, writing, strict=True))
             for row, blocks in zip(due, found, strict=True):
                 first = int(block_tables[row, 0])
-                choices[writing[rows.index(row)]] = _Choice(blocks, self.config.stride, first, lens[row] - 1)
+                choices[writing_of[row]] = _Choice(blocks, self.config.stride, first, lens[row] - 1)
             self.stats.retrievals += len(due)
         state.choices = choices  # sequences not seen this step have finished or moved on
         tables = block_tables.clone()
@@ -234,14 +235,10 @@ class BlockRetrieval(UcmSparseBase, ABC):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Stride 1: every sparse row chooses again, all rows at once (no per-row bookkeeping)."""
         tokens = self.block_tokens
-        sink, recent = self.config.windows(tokens)
         lens = seq_lens.long()
         num_blocks = (lens + tokens - 1) // tokens
-        if self.config.budget_tokens is not None:
-            wanted = torch.full_like(num_blocks, -(-self.config.budget_tokens // tokens))
-        else:
-            wanted = torch.ceil(num_blocks.double() * self.config.budget_ratio - 1e-9).long()
-        budgets = torch.minimum(num_blocks, wanted.clamp(min=sink + recent))
+        budget_of = self.config.budget_blocks  # the one budget rule, per sequence
+        budgets = torch.tensor([budget_of(n, tokens) for n in num_blocks.tolist()], device=num_blocks.device)
         rows = (budgets < num_blocks).nonzero().flatten()
         if rows.numel() == 0:
             return None
