@@ -153,10 +153,13 @@ class Policy:
     stride: int = 1
     sink: int = 1
     recent: int = 2
+    pool: int = 0  # stride > 1: keep this many times the budget's middle blocks and re-rank them every step
 
     @property
     def label(self) -> str:
-        return self.name if self.name in ("dense", "sink+recent") else f"{self.name} b{self.budget} s{self.stride}"
+        if self.name in ("dense", "sink+recent"):
+            return self.name
+        return f"{self.name} b{self.budget} s{self.stride}" + (f"p{self.pool}" if self.pool else "")
 
 
 @dataclass
@@ -172,6 +175,7 @@ class Decoder:
     steps: int = 0
     position: int = 0
     masks: list = field(default_factory=list)
+    pools: list = field(default_factory=list)
     summaries: Summaries | None = None
 
     def __post_init__(self):
@@ -179,6 +183,7 @@ class Decoder:
         batch = self.cache.tables.shape[0]
         shape = (batch, self.cache.max_blocks)
         self.masks = [torch.zeros(shape, dtype=torch.bool, device=device) for _ in range(cfg.layers)]
+        self.pools = [None] * cfg.layers
         if self.policy.name != "dense":
             algorithm = "block_mean" if self.policy.name == "sink+recent" else self.policy.name
             self.summaries = Summaries(algorithm, self.cache, cfg, device)
@@ -210,7 +215,9 @@ class Decoder:
             chosen, width = blocks < num_blocks, max_blocks
         else:
             recent = (blocks >= num_blocks - policy.recent) & (blocks < num_blocks)
-            if self.steps % policy.stride == 0:
+            if policy.pool and policy.stride > 1:
+                chosen = self.pooled(layer, q, blocks, num_blocks, seq_len)
+            elif self.steps % policy.stride == 0:
                 seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=q.device)
                 candidates = (blocks >= policy.sink) & (blocks < num_blocks - policy.recent)
                 logits = self.summaries.logits(layer, q, cache.tables, self.model.scale)
@@ -225,6 +232,25 @@ class Decoder:
         if self.check:
             self.max_error = max(self.max_error, self.compare(layer, q, seq_len, chosen, width, out))
         return out
+
+    def pooled(self, layer, q, blocks, num_blocks, seq_len) -> torch.Tensor:
+        """Stride with a pool: every ``stride`` steps the best ``pool`` x budget middle blocks are kept
+        (with the blocks that fill later); every step the budget is chosen again among them."""
+        policy, cache = self.policy, self.cache
+        seq_lens = torch.full((q.shape[0],), seq_len, dtype=torch.int32, device=q.device)
+        middle = (blocks >= policy.sink) & (blocks < num_blocks - policy.recent)
+        logits = self.summaries.logits(layer, q, cache.tables, self.model.scale)
+        if self.steps % policy.stride == 0:
+            pool_budget = policy.sink + policy.recent + policy.pool * (policy.budget - policy.sink - policy.recent)
+            picks, _ = ref.select_blocks(
+                ref.attention_share(logits, middle), seq_lens, cache.block, policy.sink, policy.recent, pool_budget
+            )
+            self.pools[layer] = (torch.zeros_like(middle).scatter_(1, picks, True), num_blocks)
+        pool, pool_blocks = self.pools[layer]
+        candidates = middle & (pool | (blocks >= pool_blocks - policy.recent))
+        scores = ref.attention_share(logits, candidates)
+        picks, _ = ref.select_blocks(scores, seq_lens, cache.block, policy.sink, policy.recent, policy.budget)
+        return torch.zeros_like(middle).scatter_(1, picks, True)
 
     def compare(self, layer, q, seq_len, chosen, width, out) -> float:
         """Largest |masked_attention - paged_decode(sparse_tables(...))| for this step and layer."""
@@ -349,6 +375,7 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=int, default=16, help="held-out perplexity windows")
     p.add_argument("--budgets", default="4,8,16,32,64", help="budgets as 1/x of --context")
     p.add_argument("--strides", default="1,8")
+    p.add_argument("--pools", default="0", help="strides > 1: pool sizes as multiples of the budget (0: no pool)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--sink", type=int, default=1, help="sink blocks")
     p.add_argument("--recent", type=int, default=2, help="recent blocks (the partial last block included)")
@@ -372,10 +399,11 @@ def policies(args) -> list[Policy]:
     for fraction in map(int, args.budgets.split(",")):
         budget = max(args.sink + args.recent + 1, args.context // fraction // args.block_size)
         for stride in map(int, args.strides.split(",")):
-            for algorithm in args.algorithms.split(","):
-                policy = Policy(algorithm, budget, stride, args.sink, args.recent)
-                if policy not in out:  # small contexts: two fractions can round to one budget
-                    out.append(policy)
+            for pool in map(int, args.pools.split(",")) if stride > 1 else [0]:
+                for algorithm in args.algorithms.split(","):
+                    policy = Policy(algorithm, budget, stride, args.sink, args.recent, pool)
+                    if policy not in out:  # small contexts: two fractions can round to one budget
+                        out.append(policy)
     return out
 
 
@@ -447,7 +475,7 @@ def main(argv=None) -> None:
             print(f"time limit: skipped {policy.label}")
             continue
         t1 = time.perf_counter()
-        row = {"policy": policy.name, "budget": policy.budget, "stride": policy.stride}
+        row = {"policy": policy.name, "budget": policy.budget, "stride": policy.stride, "pool": policy.pool}
         for evalset in evalsets:
             row[evalset.name] = run_set(model, evalset, policy, args.check)
         row["seconds"] = time.perf_counter() - t1
@@ -469,7 +497,7 @@ def main(argv=None) -> None:
     algorithms = args.algorithms.split(",")
     ranked = sorted(
         (r for r in results if r["policy"] not in ("dense", "sink+recent")),
-        key=lambda r: (r["stride"], algorithms.index(r["policy"]), -r["budget"]),
+        key=lambda r: (r["stride"], r["pool"], algorithms.index(r["policy"]), -r["budget"]),
     )
     for row in fixed + ranked:
         if row["policy"] == "dense":
@@ -478,6 +506,8 @@ def main(argv=None) -> None:
             tokens = row["budget"] * args.block_size
             budget = f"{row['budget']} / {tokens} / 1/{args.context // tokens}"
         stride = "-" if row["policy"] in ("dense", "sink+recent") else str(row["stride"])
+        if row.get("pool"):
+            stride += f", pool {row['pool']}x"  # re-ranked every step within the pool
         line = f"| {row['policy']} | {budget} | {stride} | {row['ppl']['ppl']:.4f} | "
         line += f"{fmt_delta(row['ppl']['ppl'], dense['ppl']['ppl'], 'pct')} |"
         for name in passkey_sets:
@@ -494,10 +524,11 @@ def main(argv=None) -> None:
     print("\nrecommended budget (smallest measured budget at which it and every larger measured budget stay")
     print("within 1 point of dense passkey accuracy in every set and within 2% of dense perplexity):")
     recommendations = {}
-    for stride in map(int, args.strides.split(",")):
+    variants = sorted({(r["stride"], r["pool"]) for r in results if r["policy"] not in ("dense", "sink+recent")})
+    for stride, pool in variants:
         for algorithm in args.algorithms.split(","):
             rows = sorted(
-                (r for r in results if r["policy"] == algorithm and r["stride"] == stride),
+                (r for r in results if r["policy"] == algorithm and r["stride"] == stride and r["pool"] == pool),
                 key=lambda r: -r["budget"],
             )
             best = None
@@ -513,8 +544,9 @@ def main(argv=None) -> None:
             else:
                 tokens = best["budget"] * args.block_size
                 text = f"{best['budget']} blocks ({tokens} tokens, 1/{args.context // tokens} of the context)"
-            recommendations[f"{algorithm} s{stride}"] = text
-            print(f"- {algorithm}, stride {stride}: {text}")
+            label = f"s{stride}" + (f"p{pool}" if pool else "")
+            recommendations[f"{algorithm} {label}"] = text
+            print(f"- {algorithm}, stride {stride}" + (f", pool {pool}x" if pool else "") + f": {text}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

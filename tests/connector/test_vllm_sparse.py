@@ -20,9 +20,11 @@ LONG_PROMPTS = [tokens(700, 500), tokens(1000, 501)]
 SHORT_PROMPT = tokens(90, 502)
 PHASES = [{**phase("decode", LONG_PROMPTS + [SHORT_PROMPT]), "max_tokens": 24}]
 # Stride 1 (the default: a choice every step, all sequences at once) for block_mean and the probe;
-# stride 4 (choices kept per sequence) for the other two.
+# stride 4 (choices kept per sequence) for the other two; and stride 4 with a pool of twice the
+# budget's middle blocks, re-ranked every step, for block_mean and the probe again.
 BUDGET = {"budget_tokens": 128, "sink_tokens": 32, "recent_tokens": 64, "stride": 1}
 STRIDE_4 = {**BUDGET, "stride": 4}
+POOLED_4 = {**STRIDE_4, "pool": 2}
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,10 @@ def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
             "control",
             {"algorithm": "poison-unselected", **BUDGET, "options": {"report": control, "poison_chosen": True}},
         ),
-        # The same at stride 4, where choices are kept per sequence between steps.
-        run("block-mean-4", {"algorithm": "block_mean", **STRIDE_4}),
-        run("probe-4", {"algorithm": "poison-unselected", **STRIDE_4, "options": {"report": report4}}),
+        # The same at stride 4 with a pool, where pools are kept per sequence between steps and the
+        # blocks read are chosen among them every step.
+        run("block-mean-4", {"algorithm": "block_mean", **POOLED_4}),
+        run("probe-4", {"algorithm": "poison-unselected", **POOLED_4, "options": {"report": report4}}),
         run("key-bounds", {"algorithm": "key_bounds", **STRIDE_4}),
         run("hash-codes", {"algorithm": "hash_codes", **STRIDE_4}),
         # A fresh engine loading the prompts block-mean stored, then decoding sparsely.

@@ -132,6 +132,9 @@ def test_shared_prefix_blocks_are_summarised_once_for_every_sequence():
         ({"algorithm": "block_mean", "budget_ratio": 0.5, "budget_tokens": 64}, "exactly one"),
         ({"algorithm": "block_mean", "budget_tokens": 0}, "budget_tokens"),
         ({"algorithm": "block_mean", "budget_ratio": 0.5, "stride": 0}, "stride"),
+        ({"algorithm": "block_mean", "budget_ratio": 0.5, "stride": 4, "pool": 1}, "'pool'.*at least 2"),
+        ({"algorithm": "block_mean", "budget_ratio": 0.5, "stride": 4, "pool": -2}, "'pool'"),
+        ({"algorithm": "block_mean", "budget_ratio": 0.5, "pool": 4}, "'pool'.*needs 'stride' > 1"),
         ({"algorithm": "block_mean", "budget_ratio": 0.5, "options": {"bits": 64}}, "no option.*'bits'"),
         ({"algorithm": "hash_codes", "budget_ratio": 0.5, "options": {"bits": 12}}, "multiple of 8"),
         ({"algorithm": "quest", "budget_ratio": 0.5}, "no 'ucm.sparse' plug-in named 'quest'.*block_mean"),
@@ -184,3 +187,43 @@ def test_a_kept_choice_never_follows_a_freed_block_to_another_sequence():
     assert read <= set(other[0].tolist()), f"read another request's blocks {sorted(read - set(other[0].tolist()))}"
     assert read != first_choice
     assert sparse.take_stats().retrievals == 2
+
+
+@pytest.mark.parametrize("name", ["key_bounds", "hash_codes"])
+def test_a_pool_is_scanned_once_per_stride_and_re_ranked_with_every_query(name):
+    sparse, _, _ = algorithm(name, budget_tokens=6 * BLOCK, stride=4, pool=3)
+    kept, _, _ = algorithm(name, budget_tokens=6 * BLOCK, stride=4)  # no pool: reads its first choice
+    # The pool is what a selection with the pool's size picks: 2 windows + 3 x 4 middle blocks.
+    scan, _, _ = algorithm(name, budget_tokens=14 * BLOCK, stride=4)
+    table, lens = decode_row(40 * BLOCK + 1)
+    pool_table, _ = step(scan, table, lens, seed=10)  # the query of the step that scans
+    pool = pool_table[:, :14]
+    tail = int(lens[0]) - 40 * BLOCK
+    every, _, _ = algorithm(name, budget_tokens=6 * BLOCK, stride=1)
+    read_sets, kept_sets = [], []
+    for i in range(4):
+        tables, new_lens = step(sparse, table, lens + i, seed=10 + i)
+        read = tables[0, :6]
+        assert int(new_lens[0]) == 5 * BLOCK + tail + i
+        assert set(read.tolist()) <= set(pool[0].tolist())
+        # The same choice as choosing every step over a sequence made of the pool's blocks.
+        want, _ = step(every, pool, torch.tensor([13 * BLOCK + tail + i], dtype=torch.int32), seed=10 + i)
+        assert read.tolist() == want[0, :6].tolist()
+        read_sets.append(frozenset(read.tolist()))
+        kept_tables, _ = step(kept, table, lens + i, seed=10 + i)
+        kept_sets.append(frozenset(kept_tables[0, :6].tolist()))
+    stats = sparse.take_stats()
+    assert (stats.retrievals, stats.reranked) == (1, 4)
+    assert len(set(kept_sets)) == 1  # without a pool the first choice is read for the whole stride
+    assert len(set(read_sets)) > 1  # with one, later queries read other blocks of the pool
+
+
+def test_a_pool_as_large_as_the_sequence_chooses_as_stride_one_does():
+    pooled, _, _ = algorithm("key_bounds", budget_tokens=4 * BLOCK, stride=8, pool=100)
+    every, _, _ = algorithm("key_bounds", budget_tokens=4 * BLOCK, stride=1)
+    table, lens = decode_row(24 * BLOCK + 7)
+    for i in range(5):
+        got, got_lens = step(pooled, table, lens + i, seed=i)
+        want, want_lens = step(every, table, lens + i, seed=i)
+        assert torch.equal(got_lens, want_lens)
+        assert got[0, :4].tolist() == want[0, :4].tolist()

@@ -24,6 +24,9 @@ class SparseConfig:
     sink_tokens: int = 1  # rounded up to whole blocks: at least the first block
     recent_tokens: int = 1  # rounded up to whole blocks: at least the block being written
     stride: int = 1  # decode steps between two selections of a sequence
+    # stride > 1: a selection keeps ``pool`` times the budget's middle blocks, and every step chooses
+    # the budget among them with its own query (0: every step reads the selection as it was made)
+    pool: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -37,14 +40,18 @@ class SparseConfig:
             and 0 < self.budget_ratio <= 1
         ):
             raise ValueError(f"sparse: 'budget_ratio' must be in (0, 1], got {self.budget_ratio!r}")
-        for name in ("budget_tokens", "sink_tokens", "recent_tokens", "stride"):
+        for name in ("budget_tokens", "sink_tokens", "recent_tokens", "stride", "pool"):
             value = getattr(self, name)
             if value is None and name == "budget_tokens":
                 continue
-            least = 0 if name == "sink_tokens" else 1
+            least = 0 if name in ("sink_tokens", "pool") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 kind = "a non-negative" if least == 0 else "a positive"
                 raise ValueError(f"sparse: {name!r} must be {kind} integer, got {value!r}")
+        if self.pool == 1:
+            raise ValueError("sparse: 'pool' is a multiple of the budget: 0 (no pool) or at least 2, got 1")
+        if self.pool and self.stride == 1:
+            raise ValueError("sparse: 'pool' re-ranks a kept selection, so it needs 'stride' > 1")
         if not isinstance(self.options, dict):
             raise ValueError(f"sparse: 'options' must be a mapping, got {type(self.options).__name__}")
 
@@ -74,3 +81,12 @@ class SparseConfig:
             wanted = math.ceil(self.budget_ratio * num_blocks - 1e-9)
         sink, recent = self.windows(block_tokens)
         return min(num_blocks, max(wanted, sink + recent))
+
+    def pool_blocks(self, num_blocks: int, block_tokens: int) -> int:
+        """How many blocks a selection keeps: the budget, or with a pool its windows and ``pool``
+        times its middle blocks."""
+        budget = self.budget_blocks(num_blocks, block_tokens)
+        if not self.pool:
+            return budget
+        sink, recent = self.windows(block_tokens)
+        return min(num_blocks, sink + recent + self.pool * (budget - sink - recent))

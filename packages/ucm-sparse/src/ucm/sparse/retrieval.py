@@ -14,6 +14,9 @@ block from its summary (:meth:`summary_spec`, :meth:`summarize`, :meth:`logits`)
   fits the sequence: the same first block, a length a few steps on, and every chosen block still
   in its table, so a block freed by a finished request and handed to another never carries the
   old request's choice along.
+- With ``pool`` (stride > 1 only), a selection keeps ``pool`` times the budget's middle blocks, and
+  every step chooses the budget among those with its own query: the full scan is paid once per
+  stride, and a query that turns to another part of the kept pool still finds it.
 - Sequences whose blocks fit in the budget are read whole, so a budget of 100% is dense attention.
 """
 
@@ -32,7 +35,7 @@ from ucm.sparse.kernels import reference
 
 @dataclass
 class _Choice:
-    blocks: torch.Tensor  # physical blocks read, in order (the block being written last)
+    blocks: torch.Tensor  # physical blocks kept in order, the block being written last (with a pool: re-ranked)
     steps_left: int
     first_block: int  # the sequence's first block when chosen
     seq_len: int  # its length at the last use
@@ -63,6 +66,7 @@ class RetrievalStats:
     blocks_read: int = 0  # blocks those reads covered
     blocks_total: int = 0  # blocks the same reads would have covered densely
     summaries: int = 0  # block summaries computed
+    reranked: int = 0  # choices made within a kept pool (rows x layers)
 
 
 class BlockRetrieval(UcmSparseBase, ABC):
@@ -140,21 +144,25 @@ class BlockRetrieval(UcmSparseBase, ABC):
             else:
                 due.append(i)
         if due:
-            found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, budgets, scale)
+            keep = [self.config.pool_blocks(n, tokens) for n in num_blocks] if self.config.pool else budgets
+            found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, keep, scale)
             writing_of = dict(zip(rows, writing, strict=True))
             for row, blocks in zip(due, found, strict=True):
                 first = int(block_tables[row, 0])
                 choices[writing_of[row]] = _Choice(blocks, self.config.stride, first, lens[row] - 1)
             self.stats.retrievals += len(due)
         state.choices = choices  # sequences not seen this step have finished or moved on
+        read = [choices[w].blocks for w in writing]
+        if self.config.pool:
+            read = self._rerank(state, query, read, rows, lens, num_blocks, budgets, scale)
         tables = block_tables.clone()
         new_lens = seq_lens.clone()
-        for row, w in zip(rows, writing, strict=True):
+        for row, w, blocks in zip(rows, writing, read, strict=True):
             choice = choices[w]
             choice.steps_left -= 1
             choice.seq_len = lens[row]
-            count = choice.blocks.numel()
-            tables[row, :count] = choice.blocks.to(tables.dtype)
+            count = blocks.numel()
+            tables[row, :count] = blocks.to(tables.dtype)
             new_lens[row] = (count - 1) * tokens + lens[row] - (num_blocks[row] - 1) * tokens
             self.stats.blocks_read += count
             self.stats.blocks_total += num_blocks[row]
@@ -229,6 +237,47 @@ class BlockRetrieval(UcmSparseBase, ABC):
             scale,
         )
         return [physical[r, : int(chosen_counts[r])].clone() for r in range(len(rows))]
+
+    def _rerank(
+        self,
+        state: _Layer,
+        query: torch.Tensor,
+        pools: list[torch.Tensor],
+        rows: list[int],
+        lens: list[int],
+        num_blocks: list[int],
+        budgets: list[int],
+        scale: float,
+    ) -> list[torch.Tensor]:
+        """The budget's blocks of each row, chosen with this step's query among its kept pool.
+
+        A pool holds the sink, the chosen middle blocks and the recent window in order, so it is
+        scored as a short sequence of its own (same windows, same tail) and mapped back."""
+        out = list(pools)
+        todo = [i for i, pool in enumerate(pools) if pool.numel() > budgets[rows[i]]]
+        if not todo:
+            return out
+        tokens = self.block_tokens
+        device = pools[0].device
+        counts = torch.tensor([pools[i].numel() for i in todo], device=device)
+        width = int(counts.max())
+        table = torch.stack([torch.cat([pools[i], pools[i][-1:].expand(width - pools[i].numel())]) for i in todo])
+        tails = [lens[rows[i]] - (num_blocks[rows[i]] - 1) * tokens for i in todo]
+        virtual_lens = (counts - 1) * tokens + torch.tensor(tails, device=device)
+        physical, chosen_counts = self._choose(
+            state,
+            query[[rows[i] for i in todo]],
+            table,
+            virtual_lens,
+            torch.arange(len(todo), device=device),
+            counts,
+            torch.tensor([budgets[rows[i]] for i in todo], device=device),
+            scale,
+        )
+        for r, i in enumerate(todo):
+            out[i] = physical[r, : int(chosen_counts[r])]
+        self.stats.reranked += len(todo)
+        return out
 
     def _choose_every_step(
         self, state: _Layer, query: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
