@@ -382,11 +382,6 @@ class UcmConnector(KVConnectorBase_V1):
         if not self.config.load_async:
             while self._loads:  # a synchronous load is not reported as a finished receive
                 self._finish_load(self._loads.popleft(), report=False)
-        elif self._idle_step and self._loads:
-            # Nothing to compute in this step: wait for the oldest load here, before the rest of the
-            # step's Python runs beside the store's threads and slows them down.
-            self._finish_load(self._loads.popleft())
-            self._idle_step = False
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Host caches: synchronous loads finish in start_load_kv, asynchronous ones before their
