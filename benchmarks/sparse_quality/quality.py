@@ -153,7 +153,7 @@ class Policy:
     stride: int = 1
     sink: int = 1
     recent: int = 2
-    pool: int = 0  # stride > 1: keep this many times the budget's middle blocks and re-rank them every step
+    pool: int = 0  # stride > 1: keep this many times the budget's middle blocks (and successors), re-rank every step
 
     @property
     def label(self) -> str:
@@ -234,17 +234,19 @@ class Decoder:
         return out
 
     def pooled(self, layer, q, blocks, num_blocks, seq_len) -> torch.Tensor:
-        """Stride with a pool: every ``stride`` steps the best ``pool`` x budget middle blocks are kept
-        (with the blocks that fill later); every step the budget is chosen again among them."""
+        """Stride with a pool: every ``stride`` steps the best ``pool`` x budget middle blocks and the
+        block after each are kept (with the blocks that fill later); every step the budget is chosen
+        again among them, as ``BlockRetrieval`` does with ``pool``."""
         policy, cache = self.policy, self.cache
         seq_lens = torch.full((q.shape[0],), seq_len, dtype=torch.int32, device=q.device)
         middle = (blocks >= policy.sink) & (blocks < num_blocks - policy.recent)
         logits = self.summaries.logits(layer, q, cache.tables, self.model.scale)
         if self.steps % policy.stride == 0:
             pool_budget = policy.sink + policy.recent + policy.pool * (policy.budget - policy.sink - policy.recent)
-            picks, _ = ref.select_blocks(
+            picks, counts = ref.select_blocks(
                 ref.attention_share(logits, middle), seq_lens, cache.block, policy.sink, policy.recent, pool_budget
             )
+            picks, _ = ref.with_successors(picks, counts, torch.full_like(counts, num_blocks))
             self.pools[layer] = (torch.zeros_like(middle).scatter_(1, picks, True), num_blocks)
         pool, pool_blocks = self.pools[layer]
         candidates = middle & (pool | (blocks >= pool_blocks - policy.recent))

@@ -165,3 +165,13 @@ def test_hash_codes_count_differing_signs():
     assert torch.equal(ref.hamming(codes[:, None], codes[None, :]).long(), expected.long())
     with pytest.raises(ValueError, match="multiple of 8"):
         ref.hash_planes(1, 4, 12)
+
+
+def test_successors_join_each_chosen_block_within_its_sequence():
+    chosen = torch.tensor([[0, 3, 4, 9, 9], [0, 1, 5, 5, 5]])
+    counts = torch.tensor([4, 3])
+    num_blocks = torch.tensor([10, 6])
+    order, new_counts = ref.with_successors(chosen, counts, num_blocks)
+    assert new_counts.tolist() == [6, 4]
+    assert order[0].tolist() == [0, 1, 3, 4, 5, 9]  # 9 is the last block: nothing after it
+    assert order[1].tolist() == [0, 1, 2, 5, 5, 5]  # padded with the last block

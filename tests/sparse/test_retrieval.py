@@ -193,11 +193,14 @@ def test_a_kept_choice_never_follows_a_freed_block_to_another_sequence():
 def test_a_pool_is_scanned_once_per_stride_and_re_ranked_with_every_query(name):
     sparse, _, _ = algorithm(name, budget_tokens=6 * BLOCK, stride=4, pool=3)
     kept, _, _ = algorithm(name, budget_tokens=6 * BLOCK, stride=4)  # no pool: reads its first choice
-    # The pool is what a selection with the pool's size picks: 2 windows + 3 x 4 middle blocks.
+    # The pool is what a selection with the pool's size picks (2 windows + 3 x 4 middle blocks) and
+    # the block after each (here logical and physical blocks are the same numbers).
     scan, _, _ = algorithm(name, budget_tokens=14 * BLOCK, stride=4)
     table, lens = decode_row(40 * BLOCK + 1)
-    pool_table, _ = step(scan, table, lens, seed=10)  # the query of the step that scans
-    pool = pool_table[:, :14]
+    scanned, _ = step(scan, table, lens, seed=10)  # the query of the step that scans
+    picked = set(scanned[0, :14].tolist())
+    pool = torch.tensor([sorted(picked | {b + 1 for b in picked if b + 1 < 41})], dtype=torch.int32)
+    assert 14 < pool.shape[1] <= 28
     tail = int(lens[0]) - 40 * BLOCK
     every, _, _ = algorithm(name, budget_tokens=6 * BLOCK, stride=1)
     read_sets, kept_sets = [], []
@@ -207,7 +210,8 @@ def test_a_pool_is_scanned_once_per_stride_and_re_ranked_with_every_query(name):
         assert int(new_lens[0]) == 5 * BLOCK + tail + i
         assert set(read.tolist()) <= set(pool[0].tolist())
         # The same choice as choosing every step over a sequence made of the pool's blocks.
-        want, _ = step(every, pool, torch.tensor([13 * BLOCK + tail + i], dtype=torch.int32), seed=10 + i)
+        pool_len = (pool.shape[1] - 1) * BLOCK + tail + i
+        want, _ = step(every, pool, torch.tensor([pool_len], dtype=torch.int32), seed=10 + i)
         assert read.tolist() == want[0, :6].tolist()
         read_sets.append(frozenset(read.tolist()))
         kept_tables, _ = step(kept, table, lens + i, seed=10 + i)

@@ -24,8 +24,9 @@ class SparseConfig:
     sink_tokens: int = 1  # rounded up to whole blocks: at least the first block
     recent_tokens: int = 1  # rounded up to whole blocks: at least the block being written
     stride: int = 1  # decode steps between two selections of a sequence
-    # stride > 1: a selection keeps ``pool`` times the budget's middle blocks, and every step chooses
-    # the budget among them with its own query (0: every step reads the selection as it was made)
+    # stride > 1: a selection keeps ``pool`` times the budget's middle blocks and the block after each,
+    # and every step chooses the budget among them with its own query (0: every step reads the
+    # selection as it was made)
     pool: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -83,8 +84,8 @@ class SparseConfig:
         return min(num_blocks, max(wanted, sink + recent))
 
     def pool_blocks(self, num_blocks: int, block_tokens: int) -> int:
-        """How many blocks a selection keeps: the budget, or with a pool its windows and ``pool``
-        times its middle blocks."""
+        """How many blocks a selection chooses: the budget, or with a pool its windows and ``pool``
+        times its middle blocks (the block after each chosen one is kept too)."""
         budget = self.budget_blocks(num_blocks, block_tokens)
         if not self.pool:
             return budget

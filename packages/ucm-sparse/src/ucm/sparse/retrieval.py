@@ -14,9 +14,10 @@ block from its summary (:meth:`summary_spec`, :meth:`summarize`, :meth:`logits`)
   fits the sequence: the same first block, a length a few steps on, and every chosen block still
   in its table, so a block freed by a finished request and handed to another never carries the
   old request's choice along.
-- With ``pool`` (stride > 1 only), a selection keeps ``pool`` times the budget's middle blocks, and
-  every step chooses the budget among those with its own query: the full scan is paid once per
-  stride, and a query that turns to another part of the kept pool still finds it.
+- With ``pool`` (stride > 1 only), a selection keeps ``pool`` times the budget's middle blocks and
+  the block after each kept block, and every step chooses the budget among them with its own
+  query: the full scan is paid once per stride, and a later query that needs another part of the
+  pool, or the text that runs on into the next block, still finds it.
 - Sequences whose blocks fit in the budget are read whole, so a budget of 100% is dense attention.
 """
 
@@ -198,9 +199,11 @@ class BlockRetrieval(UcmSparseBase, ABC):
         counts: torch.Tensor,
         budgets: torch.Tensor,
         scale: float,
+        successors: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and choose for ``rows`` (``counts`` blocks each): their physical blocks
-        ``[rows, max budget]`` in order, and how many of each row's are chosen."""
+        ``[rows, max budget]`` in order (with ``successors``, each chosen block's next block too),
+        and how many of each row's are chosen."""
         tokens = self.block_tokens
         sink, recent = self.config.windows(tokens)
         width = int(counts.max())
@@ -212,6 +215,8 @@ class BlockRetrieval(UcmSparseBase, ABC):
         safe = torch.where(candidates, tables, torch.zeros_like(tables))
         scores = reference.attention_share(self.logits(query[rows], state.summaries, safe, scale), candidates)
         chosen, chosen_counts = reference.select_blocks(scores, seq_lens[rows], tokens, sink, recent, budgets)
+        if successors:
+            chosen, chosen_counts = reference.with_successors(chosen, chosen_counts, counts)
         return torch.gather(tables, 1, chosen), chosen_counts
 
     def _retrieve(
@@ -235,6 +240,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
             torch.tensor([num_blocks[i] for i in rows], device=device),
             torch.tensor([budgets[i] for i in rows], device=device),
             scale,
+            successors=self.config.pool > 0,
         )
         return [physical[r, : int(chosen_counts[r])].clone() for r in range(len(rows))]
 

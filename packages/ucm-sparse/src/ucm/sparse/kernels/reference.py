@@ -177,6 +177,33 @@ def select_blocks(
     return torch.where(valid, picks, last), counts
 
 
+def with_successors(
+    chosen: torch.Tensor, counts: torch.Tensor, num_blocks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add to each sequence's chosen blocks the block after each of them (within the sequence).
+
+    ``chosen``: logical indices ``[batch, take]`` in ascending order, ``counts`` of them valid (as
+    :func:`select_blocks` returns them); ``num_blocks``: blocks per sequence. Returns the same
+    form: ascending, padded with the last block, and the new counts. Text that a block starts
+    often goes on in the next one (a line, a number, a name), which a later query then needs.
+    """
+    batch, take = chosen.shape
+    width = max(int(num_blocks.max()) if batch else 0, 1)
+    valid = torch.arange(take, device=chosen.device)[None, :] < counts[:, None]
+    mask = torch.zeros((batch, width + 1), dtype=torch.bool, device=chosen.device)
+    mask.scatter_(1, torch.where(valid, chosen.long(), width), True)  # padding lands in the spare column
+    mask = mask[:, :width]
+    position = torch.arange(width, device=chosen.device)[None, :]
+    mask[:, 1:] |= mask[:, :-1].clone()
+    mask &= position < num_blocks[:, None]
+    new_counts = mask.sum(dim=1)
+    wide = int(new_counts.max()) if batch else 0
+    order = torch.where(mask, position, width).sort(dim=1).values[:, :wide]
+    last = (num_blocks.long() - 1).clamp(min=0)[:, None].expand(-1, wide)
+    order = torch.where(torch.arange(wide, device=chosen.device)[None, :] < new_counts[:, None], order, last)
+    return order, new_counts
+
+
 def sparse_tables(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor, block_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -416,6 +416,7 @@ if triton is not None:
         width,
         k_mid,
         take,
+        out_width,
         s_sb,
         s_sn,
         s_tb,
@@ -427,10 +428,12 @@ if triton is not None:
         RECENT: tl.constexpr,
         CHUNK: tl.constexpr,
         PER_ROW: tl.constexpr,
+        SUCCESSORS: tl.constexpr,
     ):
         """One sequence: the k-th best middle score by radix select (four passes of 8-bit digit
-        histograms), then sink, recent and the best ``k_mid`` middle blocks compacted in ascending
-        order into the sparse table, the rest of the row padded with the last block; the length."""
+        histograms), then sink, recent and the best ``k_mid`` middle blocks (with SUCCESSORS, and
+        the block after each chosen one) compacted in ascending order into the sparse table, the
+        rest of its ``out_width`` slots padded with the last block; the length."""
         b = tl.program_id(0)
         seq_len = tl.load(LENS + b).to(tl.int32)
         num_blocks = tl.cdiv(seq_len, BT)
@@ -478,6 +481,14 @@ if triton is not None:
             # With k_mid = 0 no key beats the all-ones prefix and need is 0.
             mid = cand & ((key > kth) | ((tie > 0) & (tie_rank < need)))
             chosen = inside & ((n < SINK) | (n >= num_blocks - RECENT) | mid)
+            if SUCCESSORS:  # the same test at the block before: ties before it are ties before n less its own
+                p = n - 1
+                ukey_p, cand_p = _middle_keys(row, tl.maximum(p, 0), s_sn, width, num_blocks, SINK, RECENT)
+                key_p = ukey_p ^ -2147483648
+                tie_p = (cand_p & (key_p == kth)).to(tl.int32)
+                mid_p = cand_p & ((key_p > kth) | ((tie_p > 0) & (tie_rank - tie_p < need)))
+                before = (p >= 0) & (p < width) & (p < num_blocks)
+                chosen = chosen | (inside & before & ((p < SINK) | (p >= num_blocks - RECENT) | mid_p))
             taken = chosen.to(tl.int32)
             slot = tl.cumsum(taken, 0) - taken + count
             phys = tl.load(table_row + n * s_tn, mask=chosen, other=0)
@@ -485,9 +496,9 @@ if triton is not None:
             count += tl.sum(taken, 0)
             ties += tl.sum(tie, 0)
         last = tl.load(table_row + tl.maximum(num_blocks - 1, 0) * s_tn)
-        for s0 in range(0, take, CHUNK):
+        for s0 in range(0, out_width, CHUNK):
             s = s0 + ar
-            tl.store(out_row + s * s_on, tl.zeros([CHUNK], last.dtype) + last, mask=(s >= count) & (s < take))
+            tl.store(out_row + s * s_on, tl.zeros([CHUNK], last.dtype) + last, mask=(s >= count) & (s < out_width))
         tail = seq_len - (num_blocks - 1) * BT
         tl.store(OUT_LENS + b, (tl.maximum(count - 1, 0) * BT + tail).to(OUT_LENS.dtype.element_ty))
 
@@ -753,8 +764,10 @@ def select_and_build(
     budget_blocks: int | torch.Tensor,
     *,
     max_budget: int | None = None,
+    successors: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference.select_blocks`` then ``reference.sparse_tables`` in one launch.
+    """``reference.select_blocks`` (then ``reference.with_successors`` with ``successors``) and
+    ``reference.sparse_tables`` in one launch.
 
     Returns the sparse block table ``[batch, min(max budget, max_blocks)]`` (``block_tables``'
     dtype) and the sparse lengths ``[batch]`` (``seq_lens``' dtype), ready for :func:`paged_decode`.
@@ -769,6 +782,9 @@ def select_and_build(
     device); every budget must cover the two windows. With per-sequence budgets the table's width
     is the largest budget: pass it as ``max_budget`` to keep the call free of host syncs (a CUDA
     graph needs that), otherwise it is read from the device.
+
+    With ``successors`` each chosen block's next block joins it (a retrieval pool): the table is
+    then up to twice the budget wide, and the length counts every block it names.
     """
     _require_triton()
     if scores.dim() != 2:
@@ -803,7 +819,8 @@ def select_and_build(
     if max_budget < windows:
         _fail(f"budget_blocks ({max_budget}) must cover sink_blocks + recent_blocks ({windows})")
     take = min(max_budget, width)
-    table = torch.empty((batch, take), device=scores.device, dtype=block_tables.dtype)
+    out_width = min(2 * max_budget, width) if successors else take
+    table = torch.empty((batch, out_width), device=scores.device, dtype=block_tables.dtype)
     lens = torch.empty((batch,), device=scores.device, dtype=seq_lens.dtype)
     if batch == 0 or take == 0:
         return table, lens
@@ -818,6 +835,7 @@ def select_and_build(
         width,
         max(0, take - windows),
         take,
+        out_width,
         *scores.stride(),
         *block_tables.stride(),
         *table.stride(),
@@ -826,6 +844,7 @@ def select_and_build(
         RECENT=recent_blocks,
         CHUNK=chunk,
         PER_ROW=per_row,
+        SUCCESSORS=successors,
         num_warps=max(4, chunk // 512),
     )
     return table, lens
