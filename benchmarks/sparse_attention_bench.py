@@ -6,6 +6,9 @@ the baseline) and the Triton paged decode over the whole block table. Sparse: th
 decode over a sparse table holding 1/8, 1/16 or 1/32 of the blocks, plus the retrieval that makes
 that table (block-mean scores, top-k, table build), which runs once every ``--stride`` steps, plus
 the block-mean summaries of newly full blocks (one block per sequence every ``block_tokens`` steps).
+With ``--pool N`` the retrieval keeps N times the budget's middle blocks and the block after each
+(once per stride), and every step re-ranks that pool to the budget (scores and top-k over the pool
+only), as ``BlockRetrieval`` does with ``pool``.
 
 Every time is the median over replays of a CUDA graph of 32 back-to-back calls, each call on the
 next of several layers' caches (enough that the bytes one graph touches are far beyond the L2), so
@@ -134,9 +137,21 @@ class Case:
             self.query, self.means[layer], self.tables, self.lens, self.block_tokens, self.sink, self.recent, self.scale
         )
 
-    def retrieve(self, layer: int, budget: int):
+    def retrieve(self, layer: int, budget: int, successors: bool = False):
         scores = self.scores(layer)
-        return tk.select_and_build(scores, self.tables, self.lens, self.block_tokens, self.sink, self.recent, budget)
+        return tk.select_and_build(
+            scores, self.tables, self.lens, self.block_tokens, self.sink, self.recent, budget, successors=successors
+        )
+
+    def pool_size(self, budget: int, pool: int) -> int:
+        windows = self.sink + self.recent
+        return min(self.blocks_per_seq, windows + pool * (budget - windows))
+
+    def rerank(self, layer: int, pool_table: torch.Tensor, pool_lens: torch.Tensor, budget: int):
+        scores = tk.block_mean_scores(
+            self.query, self.means[layer], pool_table, pool_lens, self.block_tokens, self.sink, self.recent, self.scale
+        )
+        return tk.select_and_build(scores, pool_table, pool_lens, self.block_tokens, self.sink, self.recent, budget)
 
 
 SDPA_BACKENDS = {
@@ -271,8 +286,17 @@ def measure(case: Case, sdpa: dict[str, float], budgets: list[int], args, tune: 
         decode = graph_time_us(
             lambda i, s=sparse: tk.paged_decode(case.query, *case.kv(i), *s[i], case.scale), case.layers
         )
-        retrieval = graph_time_us(lambda i, b=budget: case.retrieve(i, b), case.layers)
-        total = decode + retrieval / args.stride + summary / case.block_tokens
+        rerank = 0.0
+        if args.pool:
+            keep = case.pool_size(budget, args.pool)
+            pools = [case.retrieve(i, keep, successors=True) for i in range(case.layers)]
+            rerank = graph_time_us(lambda i, b=budget, p=pools: case.rerank(i, *p[i], b), case.layers)
+            retrieval = graph_time_us(lambda i, k=keep: case.retrieve(i, k, successors=True), case.layers)
+            log(f"  pool 1/{share}: {keep} blocks kept, re-rank {rerank:.1f} us per step", file=logfile)
+            del pools
+        else:
+            retrieval = graph_time_us(lambda i, b=budget: case.retrieve(i, b), case.layers)
+        total = decode + rerank + retrieval / args.stride + summary / case.block_tokens
         rows.append(
             {
                 "context": case.context,
@@ -284,6 +308,7 @@ def measure(case: Case, sdpa: dict[str, float], budgets: list[int], args, tune: 
                 "decode": f"{decode:.1f}",
                 "retrieval": f"{retrieval:.1f}",
                 "amortised": f"{retrieval / args.stride:.1f}",
+                "rerank": f"{rerank:.1f}" if args.pool else "-",
                 "total": f"{total:.1f}",
                 "vs_sdpa": f"{best_sdpa / total:.1f}x",
                 "vs_fastest": f"{fastest_dense / total:.1f}x",
@@ -304,6 +329,9 @@ def main() -> int:
     parser.add_argument("--block-sizes", default="16,64", help="tokens per block; SDPA is measured once per case")
     parser.add_argument("--budgets", default="8,16,32", help="sparse budgets as 1/N of the blocks")
     parser.add_argument("--stride", type=int, default=8, help="decode steps between two retrievals of a sequence")
+    parser.add_argument(
+        "--pool", type=int, default=0, help="retrieval pool as a multiple of the budget, re-ranked every step (0: none)"
+    )
     parser.add_argument("--sink-tokens", type=int, default=16)
     parser.add_argument("--recent-tokens", type=int, default=64)
     parser.add_argument("--sweep", action="store_true", help="also time decode tuning variants")
@@ -325,7 +353,8 @@ def main() -> int:
         f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}",
         f"date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"layer: {Q_HEADS} query heads, {KV_HEADS} KV heads of {DIM}, bf16; sink {args.sink_tokens} tokens, "
-        f"recent {args.recent_tokens} tokens; retrieval stride {args.stride}",
+        f"recent {args.recent_tokens} tokens; retrieval stride {args.stride}"
+        + (f", pool {args.pool}x re-ranked every step" if args.pool else ""),
         f"command: {' '.join(sys.argv)}",
     ]
     for line in header:
@@ -357,6 +386,7 @@ def main() -> int:
         ("decode", "sparse decode (us)"),
         ("retrieval", "scores+top-k+table (us)"),
         ("amortised", f"retrieval / {args.stride} (us)"),
+        ("rerank", "pool re-rank / step (us)"),
         ("total", "sparse total / step (us)"),
         ("vs_sdpa", "speedup vs SDPA"),
         ("vs_fastest", "speedup vs fastest dense"),
@@ -367,7 +397,7 @@ def main() -> int:
     log("", file=logfile)
     for line in header:
         log(line, file=logfile)
-    log("sparse total = sparse decode + retrieval / stride + summaries / block_tokens", file=logfile)
+    log("sparse total = sparse decode + pool re-rank + retrieval / stride + summaries / block_tokens", file=logfile)
     for line in table:
         log(line, file=logfile)
     if args.out:
