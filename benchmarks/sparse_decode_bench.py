@@ -40,6 +40,13 @@ CONFIGS = [
     ("key_bounds 1/8, stride 8", {"algorithm": "key_bounds", "budget_ratio": 0.125, "stride": 8}),
     ("key_bounds 1/8, stride 1", {"algorithm": "key_bounds", "budget_ratio": 0.125, "stride": 1}),
     ("hash_codes 1/8, stride 8", {"algorithm": "hash_codes", "budget_ratio": 0.125, "stride": 8}),
+    ("key_bounds 1/8, stride 8, pool 2", {"algorithm": "key_bounds", "budget_ratio": 0.125, "stride": 8, "pool": 2}),
+    ("key_bounds 1/16, stride 1", {"algorithm": "key_bounds", "budget_ratio": 0.0625, "stride": 1}),
+    ("key_bounds 1/16, stride 8", {"algorithm": "key_bounds", "budget_ratio": 0.0625, "stride": 8}),
+    (
+        "key_bounds 1/16, stride 8, pool 2",
+        {"algorithm": "key_bounds", "budget_ratio": 0.0625, "stride": 8, "pool": 2},
+    ),
 ]
 
 
