@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ucm.sparse import SparseConfig
 from ucm.sparse.kernels import reference
 from ucm.sparse.kernels import triton_kernels as tk
 
@@ -143,9 +144,16 @@ class Case:
             scores, self.tables, self.lens, self.block_tokens, self.sink, self.recent, budget, successors=successors
         )
 
-    def pool_size(self, budget: int, pool: int) -> int:
-        windows = self.sink + self.recent
-        return min(self.blocks_per_seq, windows + pool * (budget - windows))
+    def pool_size(self, budget: int, pool: int, sink_tokens: int, recent_tokens: int) -> int:
+        """The blocks a pooled scan keeps, by ``SparseConfig``'s own rule."""
+        config = SparseConfig(
+            budget_tokens=budget * self.block_tokens,
+            sink_tokens=sink_tokens,
+            recent_tokens=recent_tokens,
+            stride=2,
+            pool=pool,
+        )
+        return config.pool_blocks(self.blocks_per_seq, self.block_tokens)
 
     def rerank(self, layer: int, pool_table: torch.Tensor, pool_lens: torch.Tensor, budget: int):
         scores = tk.block_mean_scores(
@@ -288,7 +296,7 @@ def measure(case: Case, sdpa: dict[str, float], budgets: list[int], args, tune: 
         )
         rerank = 0.0
         if args.pool:
-            keep = case.pool_size(budget, args.pool)
+            keep = case.pool_size(budget, args.pool, args.sink_tokens, args.recent_tokens)
             pools = [case.retrieve(i, keep, successors=True) for i in range(case.layers)]
             rerank = graph_time_us(lambda i, b=budget, p=pools: case.rerank(i, *p[i], b), case.layers)
             retrieval = graph_time_us(lambda i, k=keep: case.retrieve(i, k, successors=True), case.layers)

@@ -242,7 +242,15 @@ class Decoder:
         middle = (blocks >= policy.sink) & (blocks < num_blocks - policy.recent)
         logits = self.summaries.logits(layer, q, cache.tables, self.model.scale)
         if self.steps % policy.stride == 0:
-            pool_budget = policy.sink + policy.recent + policy.pool * (policy.budget - policy.sink - policy.recent)
+            block = cache.block
+            rule = SparseConfig(  # the library's pool rule, in blocks of this cache
+                budget_tokens=policy.budget * block,
+                sink_tokens=policy.sink * block,
+                recent_tokens=policy.recent * block,
+                stride=policy.stride,
+                pool=policy.pool,
+            )
+            pool_budget = rule.pool_blocks(num_blocks, block)
             picks, counts = ref.select_blocks(
                 ref.attention_share(logits, middle), seq_lens, cache.block, policy.sink, policy.recent, pool_budget
             )

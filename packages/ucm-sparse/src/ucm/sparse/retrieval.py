@@ -145,7 +145,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
             else:
                 due.append(i)
         if due:
-            keep = [self.config.pool_blocks(n, tokens) for n in num_blocks] if self.config.pool else budgets
+            keep = [self.config.pool_blocks(n, tokens) for n in num_blocks]  # the budget when there is no pool
             found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, keep, scale)
             writing_of = dict(zip(rows, writing, strict=True))
             for row, blocks in zip(due, found, strict=True):

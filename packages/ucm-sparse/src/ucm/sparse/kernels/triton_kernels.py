@@ -487,8 +487,8 @@ if triton is not None:
                 key_p = ukey_p ^ -2147483648
                 tie_p = (cand_p & (key_p == kth)).to(tl.int32)
                 mid_p = cand_p & ((key_p > kth) | ((tie_p > 0) & (tie_rank - tie_p < need)))
-                before = (p >= 0) & (p < width) & (p < num_blocks)
-                chosen = chosen | (inside & before & ((p < SINK) | (p >= num_blocks - RECENT) | mid_p))
+                # `inside` puts n, and so p, within the table and the sequence.
+                chosen = chosen | (inside & (p >= 0) & ((p < SINK) | (p >= num_blocks - RECENT) | mid_p))
             taken = chosen.to(tl.int32)
             slot = tl.cumsum(taken, 0) - taken + count
             phys = tl.load(table_row + n * s_tn, mask=chosen, other=0)
