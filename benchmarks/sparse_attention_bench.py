@@ -4,11 +4,15 @@ Dense: torch ``scaled_dot_product_attention`` on contiguous ``[batch, kv_heads, 
 (flash, efficient and cuDNN backends, GQA through ``enable_gqa`` or expanded heads; the fastest is
 the baseline) and the Triton paged decode over the whole block table. Sparse: the Triton paged
 decode over a sparse table holding 1/8, 1/16 or 1/32 of the blocks, plus the retrieval that makes
-that table (block-mean scores, top-k, table build), which runs once every ``--stride`` steps, plus
-the block-mean summaries of newly full blocks (one block per sequence every ``block_tokens`` steps).
+that table (the algorithm's block scores, top-k, table build), which runs once every ``--stride``
+steps, plus the summaries of newly full blocks (one block per sequence every ``block_tokens``
+steps). ``--algorithm``: ``key_bounds`` (per-channel key minimum and maximum, kept in the cache's
+dtype, where they are exact) or ``block_mean`` (float32 mean keys).
 With ``--pool N`` the retrieval keeps N times the budget's middle blocks and the block after each
 (once per stride), and every step re-ranks that pool to the budget (scores and top-k over the pool
-only), as ``BlockRetrieval`` does with ``pool``.
+only), as ``BlockRetrieval`` does with ``pool``. With ``--successors`` a retrieval chooses about half
+of the budget's middle blocks by score and adds the block after each (``successors``: the read
+stays within the budget).
 
 Every time is the median over replays of a CUDA graph of 32 back-to-back calls, each call on the
 next of several layers' caches (enough that the bytes one graph touches are far beyond the L2), so
@@ -93,7 +97,9 @@ def graph_time_us(call, layers: int) -> float:
 class Case:
     """Paged caches of several layers for ``batch`` sequences of ``context`` tokens, and their tables."""
 
-    def __init__(self, context: int, batch: int, block_tokens: int, sink_tokens: int, recent_tokens: int):
+    def __init__(
+        self, context: int, batch: int, block_tokens: int, sink_tokens: int, recent_tokens: int, algorithm: str
+    ):
         self.context, self.batch, self.block_tokens = context, batch, block_tokens
         self.blocks_per_seq = math.ceil(context / block_tokens)
         total = batch * self.blocks_per_seq
@@ -112,7 +118,33 @@ class Case:
         self.sink = math.ceil(sink_tokens / block_tokens)
         self.recent = max(1, math.ceil(recent_tokens / block_tokens))
         all_blocks = torch.arange(total, device="cuda")
-        self.means = [tk.mean_keys(self.kv(i)[0], all_blocks) for i in range(self.layers)]
+        self.algorithm = algorithm
+        self.summaries = [self.summarize(i, all_blocks, self.new_summary_table()) for i in range(self.layers)]
+
+    def new_summary_table(self) -> torch.Tensor:
+        total = self.caches[0].shape[1]
+        if self.algorithm == "key_bounds":  # exact in the cache's dtype
+            return torch.empty((total, 2, KV_HEADS, DIM), device="cuda", dtype=DTYPE)
+        return torch.empty((total, KV_HEADS, DIM), device="cuda", dtype=torch.float32)
+
+    def summarize(self, layer: int, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        make = tk.key_bounds if self.algorithm == "key_bounds" else tk.mean_keys
+        return make(self.kv(layer)[0], blocks, table, indexed=True)
+
+    def score(self, layer: int, tables: torch.Tensor, lens: torch.Tensor, **tuning) -> torch.Tensor:
+        return tk._block_scores(
+            self.query,
+            self.summaries[layer],
+            tables,
+            lens,
+            self.block_tokens,
+            self.sink,
+            self.recent,
+            self.scale,
+            None,
+            bounds=self.algorithm == "key_bounds",
+            **tuning,
+        )
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.caches[layer]
@@ -134,9 +166,7 @@ class Case:
         return max(self.sink + self.recent, math.ceil(self.blocks_per_seq * share))
 
     def scores(self, layer: int) -> torch.Tensor:
-        return tk.block_mean_scores(
-            self.query, self.means[layer], self.tables, self.lens, self.block_tokens, self.sink, self.recent, self.scale
-        )
+        return self.score(layer, self.tables, self.lens)
 
     def retrieve(self, layer: int, budget: int, successors: bool = False):
         scores = self.scores(layer)
@@ -144,21 +174,20 @@ class Case:
             scores, self.tables, self.lens, self.block_tokens, self.sink, self.recent, budget, successors=successors
         )
 
-    def pool_size(self, budget: int, pool: int, sink_tokens: int, recent_tokens: int) -> int:
-        """The blocks a pooled scan keeps, by ``SparseConfig``'s own rule."""
+    def scan_size(self, budget: int, args) -> int:
+        """The blocks a scan chooses by score (before successors), by ``SparseConfig``'s own rule."""
         config = SparseConfig(
             budget_tokens=budget * self.block_tokens,
-            sink_tokens=sink_tokens,
-            recent_tokens=recent_tokens,
+            sink_tokens=args.sink_tokens,
+            recent_tokens=args.recent_tokens,
             stride=2,
-            pool=pool,
+            pool=args.pool,
+            successors=args.successors,
         )
-        return config.pool_blocks(self.blocks_per_seq, self.block_tokens)
+        return config.scan_blocks(self.blocks_per_seq, self.block_tokens)
 
     def rerank(self, layer: int, pool_table: torch.Tensor, pool_lens: torch.Tensor, budget: int):
-        scores = tk.block_mean_scores(
-            self.query, self.means[layer], pool_table, pool_lens, self.block_tokens, self.sink, self.recent, self.scale
-        )
+        scores = self.score(layer, pool_table, pool_lens)
         return tk.select_and_build(scores, pool_table, pool_lens, self.block_tokens, self.sink, self.recent, budget)
 
 
@@ -255,6 +284,22 @@ def sweep(case: Case, tables, lens, label: str, out) -> None:
     log(f"  sweep {label} (default splits {splits}): " + ", ".join(parts), file=out)
 
 
+def sweep_scores(case: Case, out) -> None:
+    """Tile widths and warps of the scoring kernel (for the notes; the table uses the defaults)."""
+    parts = []
+    for block_w in (32, 64, 128, 256):
+        for warps in (2, 4, 8):
+            try:
+                t = graph_time_us(
+                    lambda i, w=block_w, n=warps: case.score(i, case.tables, case.lens, block_w=w, num_warps=n),
+                    case.layers,
+                )
+                parts.append(f"w{block_w}/{warps} {t:.1f}")
+            except Exception as error:
+                parts.append(f"w{block_w}/{warps} failed ({type(error).__name__})")
+    log("  sweep scores (blocks per program / warps): " + ", ".join(parts), file=out)
+
+
 def measure(case: Case, sdpa: dict[str, float], budgets: list[int], args, tune: bool, logfile) -> list[dict]:
     """The table's rows of one case: dense Triton, then each sparse budget."""
     best_name = min(sdpa, key=sdpa.get)
@@ -263,17 +308,19 @@ def measure(case: Case, sdpa: dict[str, float], budgets: list[int], args, tune: 
     log(f"  Triton dense paged decode: {dense:.1f} us", file=logfile)
     fastest_dense = min(best_sdpa, dense)
     new_blocks = torch.arange(case.batch, device="cuda") * case.blocks_per_seq  # one full block per sequence
-    summary_tables = [torch.empty_like(m) for m in case.means]
-    summary = graph_time_us(
-        lambda i: tk.mean_keys(case.kv(i)[0], new_blocks, summary_tables[i], indexed=True), case.layers
-    )
+    summary_tables = [case.new_summary_table() for _ in range(case.layers)]
+    summary = graph_time_us(lambda i: case.summarize(i, new_blocks, summary_tables[i]), case.layers)
     log(f"  summaries of {case.batch} new blocks: {summary:.1f} us, once per {case.block_tokens} steps", file=logfile)
     if tune:
         sweep(case, case.tables, case.lens, "dense", logfile)
     rows = []
     for share in budgets:
         budget = case.budget(1 / share)
-        sparse = [case.retrieve(i, budget) for i in range(case.layers)]
+        scan = case.scan_size(budget, args) if args.successors else budget
+        sparse = [case.retrieve(i, scan, successors=args.successors) for i in range(case.layers)]
+        read = int(((sparse[0][1].long() + case.block_tokens - 1) // case.block_tokens).max())
+        if read > budget:
+            raise AssertionError(f"the sparse table reads {read} blocks, over the budget of {budget}")
         if share == 16:  # the sparse decode must agree with the reference on the same table
             ref = reference.paged_decode(case.query, *case.kv(0), *sparse[0], case.scale)
             mine = tk.paged_decode(case.query, *case.kv(0), *sparse[0], case.scale)
@@ -290,20 +337,22 @@ def measure(case: Case, sdpa: dict[str, float], budgets: list[int], args, tune: 
                 case.layers,
             )
             log(f"  retrieval 1/{share}: scores {scoring:.1f} us, select and build {selecting:.1f} us", file=logfile)
+            if tune:
+                sweep_scores(case, logfile)
             del scores
         decode = graph_time_us(
             lambda i, s=sparse: tk.paged_decode(case.query, *case.kv(i), *s[i], case.scale), case.layers
         )
         rerank = 0.0
         if args.pool:
-            keep = case.pool_size(budget, args.pool, args.sink_tokens, args.recent_tokens)
+            keep = case.scan_size(budget, args)
             pools = [case.retrieve(i, keep, successors=True) for i in range(case.layers)]
             rerank = graph_time_us(lambda i, b=budget, p=pools: case.rerank(i, *p[i], b), case.layers)
             retrieval = graph_time_us(lambda i, k=keep: case.retrieve(i, k, successors=True), case.layers)
             log(f"  pool 1/{share}: {keep} blocks kept, re-rank {rerank:.1f} us per step", file=logfile)
             del pools
         else:
-            retrieval = graph_time_us(lambda i, b=budget: case.retrieve(i, b), case.layers)
+            retrieval = graph_time_us(lambda i, b=scan: case.retrieve(i, b, successors=args.successors), case.layers)
         total = decode + rerank + retrieval / args.stride + summary / case.block_tokens
         rows.append(
             {
@@ -336,15 +385,21 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--block-sizes", default="16,64", help="tokens per block; SDPA is measured once per case")
     parser.add_argument("--budgets", default="8,16,32", help="sparse budgets as 1/N of the blocks")
+    parser.add_argument("--algorithm", choices=("key_bounds", "block_mean"), default="key_bounds")
     parser.add_argument("--stride", type=int, default=8, help="decode steps between two retrievals of a sequence")
     parser.add_argument(
         "--pool", type=int, default=0, help="retrieval pool as a multiple of the budget, re-ranked every step (0: none)"
+    )
+    parser.add_argument(
+        "--successors", action="store_true", help="half the budget's middle blocks by score, each with its successor"
     )
     parser.add_argument("--sink-tokens", type=int, default=16)
     parser.add_argument("--recent-tokens", type=int, default=64)
     parser.add_argument("--sweep", action="store_true", help="also time decode tuning variants")
     parser.add_argument("--out", type=Path, help="folder for table.md and bench.log")
     args = parser.parse_args()
+    if args.successors and args.pool:
+        parser.error("--pool already keeps each chosen block's successor: drop --successors")
     if not torch.cuda.is_available() or not tk.available():
         print("needs a CUDA GPU and triton", file=sys.stderr)
         return 2
@@ -360,9 +415,11 @@ def main() -> int:
         f"driver {driver_version()}",
         f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}",
         f"date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"layer: {Q_HEADS} query heads, {KV_HEADS} KV heads of {DIM}, bf16; sink {args.sink_tokens} tokens, "
+        f"layer: {Q_HEADS} query heads, {KV_HEADS} KV heads of {DIM}, bf16; {args.algorithm} scores; "
+        f"sink {args.sink_tokens} tokens, "
         f"recent {args.recent_tokens} tokens; retrieval stride {args.stride}"
-        + (f", pool {args.pool}x re-ranked every step" if args.pool else ""),
+        + (f", pool {args.pool}x re-ranked every step" if args.pool else "")
+        + (", successors (half the budget's middle blocks by score, each with the next)" if args.successors else ""),
         f"command: {' '.join(sys.argv)}",
     ]
     for line in header:
@@ -378,7 +435,7 @@ def main() -> int:
             sdpa = None
             for block_tokens in block_sizes:
                 torch.cuda.empty_cache()
-                case = Case(context, batch, block_tokens, args.sink_tokens, args.recent_tokens)
+                case = Case(context, batch, block_tokens, args.sink_tokens, args.recent_tokens, args.algorithm)
                 log(f"case context {context} batch {batch} block {block_tokens}: {case.layers} layers", file=logfile)
                 if sdpa is None:
                     sdpa = time_sdpa(case, logfile)

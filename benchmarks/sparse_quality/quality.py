@@ -154,12 +154,17 @@ class Policy:
     sink: int = 1
     recent: int = 2
     pool: int = 0  # stride > 1: keep this many times the budget's middle blocks (and successors), re-rank every step
+    successors: bool = False  # about half the budget's middle blocks by score, each with the block after it
 
     @property
     def label(self) -> str:
         if self.name in ("dense", "sink+recent"):
             return self.name
-        return f"{self.name} b{self.budget} s{self.stride}" + (f"p{self.pool}" if self.pool else "")
+        return (
+            f"{self.name} b{self.budget} s{self.stride}"
+            + (f"p{self.pool}" if self.pool else "")
+            + ("n" if self.successors else "")
+        )
 
 
 @dataclass
@@ -222,7 +227,12 @@ class Decoder:
                 candidates = (blocks >= policy.sink) & (blocks < num_blocks - policy.recent)
                 logits = self.summaries.logits(layer, q, cache.tables, self.model.scale)
                 scores = ref.attention_share(logits, candidates)
-                picks, _ = ref.select_blocks(scores, seq_lens, block, policy.sink, policy.recent, policy.budget)
+                scan = self.rule().scan_blocks(num_blocks, block) if policy.successors else policy.budget
+                picks, counts = ref.select_blocks(scores, seq_lens, block, policy.sink, policy.recent, scan)
+                if policy.successors:
+                    wide, wide_counts = ref.with_successors(picks, counts, torch.full_like(counts, num_blocks))
+                    if int(wide_counts.max()) <= policy.budget:  # as BlockRetrieval: never past the budget
+                        picks = wide
                 chosen = torch.zeros_like(candidates).scatter_(1, picks, True)
             else:
                 chosen = self.masks[layer] | recent
@@ -233,6 +243,18 @@ class Decoder:
             self.max_error = max(self.max_error, self.compare(layer, q, seq_len, chosen, width, out))
         return out
 
+    def rule(self) -> SparseConfig:
+        """The library's settings for this policy, in blocks of this cache (its pool and successor rules)."""
+        policy, block = self.policy, self.cache.block
+        return SparseConfig(
+            budget_tokens=policy.budget * block,
+            sink_tokens=policy.sink * block,
+            recent_tokens=policy.recent * block,
+            stride=policy.stride,
+            pool=policy.pool,
+            successors=policy.successors,
+        )
+
     def pooled(self, layer, q, blocks, num_blocks, seq_len) -> torch.Tensor:
         """Stride with a pool: every ``stride`` steps the best ``pool`` x budget middle blocks and the
         block after each are kept (with the blocks that fill later); every step the budget is chosen
@@ -242,15 +264,7 @@ class Decoder:
         middle = (blocks >= policy.sink) & (blocks < num_blocks - policy.recent)
         logits = self.summaries.logits(layer, q, cache.tables, self.model.scale)
         if self.steps % policy.stride == 0:
-            block = cache.block
-            rule = SparseConfig(  # the library's pool rule, in blocks of this cache
-                budget_tokens=policy.budget * block,
-                sink_tokens=policy.sink * block,
-                recent_tokens=policy.recent * block,
-                stride=policy.stride,
-                pool=policy.pool,
-            )
-            pool_budget = rule.pool_blocks(num_blocks, block)
+            pool_budget = self.rule().scan_blocks(num_blocks, cache.block)
             picks, counts = ref.select_blocks(
                 ref.attention_share(logits, middle), seq_lens, cache.block, policy.sink, policy.recent, pool_budget
             )
@@ -386,6 +400,9 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="4,8,16,32,64", help="budgets as 1/x of --context")
     p.add_argument("--strides", default="1,8")
     p.add_argument("--pools", default="0", help="strides > 1: pool sizes as multiples of the budget (0: no pool)")
+    p.add_argument(
+        "--successors", action="store_true", help="also: about half the budget by score, each block with the next"
+    )
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--sink", type=int, default=1, help="sink blocks")
     p.add_argument("--recent", type=int, default=2, help="recent blocks (the partial last block included)")
@@ -409,9 +426,12 @@ def policies(args) -> list[Policy]:
     for fraction in map(int, args.budgets.split(",")):
         budget = max(args.sink + args.recent + 1, args.context // fraction // args.block_size)
         for stride in map(int, args.strides.split(",")):
-            for pool in map(int, args.pools.split(",")) if stride > 1 else [0]:
+            variants = [(pool, False) for pool in map(int, args.pools.split(",")) if stride > 1 or pool == 0]
+            if args.successors:
+                variants.append((0, True))
+            for pool, successors in variants:
                 for algorithm in args.algorithms.split(","):
-                    policy = Policy(algorithm, budget, stride, args.sink, args.recent, pool)
+                    policy = Policy(algorithm, budget, stride, args.sink, args.recent, pool, successors)
                     if policy not in out:  # small contexts: two fractions can round to one budget
                         out.append(policy)
     return out
@@ -485,7 +505,13 @@ def main(argv=None) -> None:
             print(f"time limit: skipped {policy.label}")
             continue
         t1 = time.perf_counter()
-        row = {"policy": policy.name, "budget": policy.budget, "stride": policy.stride, "pool": policy.pool}
+        row = {
+            "policy": policy.name,
+            "budget": policy.budget,
+            "stride": policy.stride,
+            "pool": policy.pool,
+            "successors": policy.successors,
+        }
         for evalset in evalsets:
             row[evalset.name] = run_set(model, evalset, policy, args.check)
         row["seconds"] = time.perf_counter() - t1
@@ -507,7 +533,7 @@ def main(argv=None) -> None:
     algorithms = args.algorithms.split(",")
     ranked = sorted(
         (r for r in results if r["policy"] not in ("dense", "sink+recent")),
-        key=lambda r: (r["stride"], r["pool"], algorithms.index(r["policy"]), -r["budget"]),
+        key=lambda r: (r["stride"], r["pool"], r["successors"], algorithms.index(r["policy"]), -r["budget"]),
     )
     for row in fixed + ranked:
         if row["policy"] == "dense":
@@ -518,6 +544,8 @@ def main(argv=None) -> None:
         stride = "-" if row["policy"] in ("dense", "sink+recent") else str(row["stride"])
         if row.get("pool"):
             stride += f", pool {row['pool']}x"  # re-ranked every step within the pool
+        if row.get("successors"):
+            stride += ", successors"
         line = f"| {row['policy']} | {budget} | {stride} | {row['ppl']['ppl']:.4f} | "
         line += f"{fmt_delta(row['ppl']['ppl'], dense['ppl']['ppl'], 'pct')} |"
         for name in passkey_sets:
@@ -534,11 +562,18 @@ def main(argv=None) -> None:
     print("\nrecommended budget (smallest measured budget at which it and every larger measured budget stay")
     print("within 1 point of dense passkey accuracy in every set and within 2% of dense perplexity):")
     recommendations = {}
-    variants = sorted({(r["stride"], r["pool"]) for r in results if r["policy"] not in ("dense", "sink+recent")})
-    for stride, pool in variants:
+    variants = sorted(
+        {(r["stride"], r["pool"], r["successors"]) for r in results if r["policy"] not in ("dense", "sink+recent")}
+    )
+    for stride, pool, successors in variants:
         for algorithm in args.algorithms.split(","):
             rows = sorted(
-                (r for r in results if r["policy"] == algorithm and r["stride"] == stride and r["pool"] == pool),
+                (
+                    r
+                    for r in results
+                    if r["policy"] == algorithm
+                    and (r["stride"], r["pool"], r["successors"]) == (stride, pool, successors)
+                ),
                 key=lambda r: -r["budget"],
             )
             best = None
@@ -554,9 +589,10 @@ def main(argv=None) -> None:
             else:
                 tokens = best["budget"] * args.block_size
                 text = f"{best['budget']} blocks ({tokens} tokens, 1/{args.context // tokens} of the context)"
-            label = f"s{stride}" + (f"p{pool}" if pool else "")
+            label = f"s{stride}" + (f"p{pool}" if pool else "") + ("n" if successors else "")
             recommendations[f"{algorithm} {label}"] = text
-            print(f"- {algorithm}, stride {stride}" + (f", pool {pool}x" if pool else "") + f": {text}")
+            extra = (f", pool {pool}x" if pool else "") + (", successors" if successors else "")
+            print(f"- {algorithm}, stride {stride}{extra}: {text}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

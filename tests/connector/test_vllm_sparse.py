@@ -20,11 +20,14 @@ LONG_PROMPTS = [tokens(700, 500), tokens(1000, 501)]
 SHORT_PROMPT = tokens(90, 502)
 PHASES = [{**phase("decode", LONG_PROMPTS + [SHORT_PROMPT]), "max_tokens": 24}]
 # Stride 1 (the default: a choice every step, all sequences at once) for block_mean and the probe;
-# stride 4 (choices kept per sequence) for the other two; and stride 4 with a pool of twice the
-# budget's middle blocks, re-ranked every step, for block_mean and the probe again.
+# stride 4 (choices kept per sequence) for the other two, key_bounds with successors; stride 4 with
+# a pool of twice the budget's middle blocks, re-ranked every step, and stride 4 with successors
+# (half the budget's middle blocks by score, each with the block after it), for block_mean and the
+# probe again.
 BUDGET = {"budget_tokens": 128, "sink_tokens": 32, "recent_tokens": 64, "stride": 1}
 STRIDE_4 = {**BUDGET, "stride": 4}
 POOLED_4 = {**STRIDE_4, "pool": 2}
+PAIRED_4 = {**STRIDE_4, "successors": True}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,7 @@ def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
     base = tmp_path_factory.mktemp("sparse")
     report = str(base / "probe.json")
     report4 = str(base / "probe4.json")
+    report4n = str(base / "probe4n.json")
     control = str(base / "control.json")
 
     def run(name: str, sparse: dict | None, root: str | None = None, **extra) -> dict:
@@ -51,7 +55,9 @@ def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
         # blocks read are chosen among them every step.
         run("block-mean-4", {"algorithm": "block_mean", **POOLED_4}),
         run("probe-4", {"algorithm": "poison-unselected", **POOLED_4, "options": {"report": report4}}),
-        run("key-bounds", {"algorithm": "key_bounds", **STRIDE_4}),
+        run("block-mean-4n", {"algorithm": "block_mean", **PAIRED_4}),
+        run("probe-4n", {"algorithm": "poison-unselected", **PAIRED_4, "options": {"report": report4n}}),
+        run("key-bounds", {"algorithm": "key_bounds", **PAIRED_4}),
         run("hash-codes", {"algorithm": "hash_codes", **STRIDE_4}),
         # A fresh engine loading the prompts block-mean stored, then decoding sparsely.
         run("block-mean-warm", {"algorithm": "block_mean", **BUDGET}, root="block-mean"),
@@ -61,6 +67,7 @@ def sparse_run(tiny_model, tmp_path_factory) -> dict[str, dict]:
     results = run_engines(specs, base / "engines")
     results["probe-report"] = json.loads(open(report).read())
     results["probe4-report"] = json.loads(open(report4).read())
+    results["probe4n-report"] = json.loads(open(report4n).read())
     results["control-report"] = json.loads(open(control).read())
     return results
 
@@ -69,7 +76,10 @@ def test_a_full_budget_gives_dense_outputs(sparse_run):
     assert_same_outputs(EngineResult(sparse_run["full-budget"]), EngineResult(sparse_run["dense"]), "decode")
 
 
-@pytest.mark.parametrize(("probe_name", "chosen_name"), [("probe", "block-mean"), ("probe-4", "block-mean-4")])
+@pytest.mark.parametrize(
+    ("probe_name", "chosen_name"),
+    [("probe", "block-mean"), ("probe-4", "block-mean-4"), ("probe-4n", "block-mean-4n")],
+)
 def test_decode_reads_only_the_chosen_blocks(sparse_run, probe_name, chosen_name):
     probe, chosen = EngineResult(sparse_run[probe_name]), EngineResult(sparse_run[chosen_name])
     report = sparse_run[probe_name.replace("-", "") + "-report"]

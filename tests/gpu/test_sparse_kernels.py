@@ -82,6 +82,13 @@ class Paged:
         table[blocks] = reference.mean_keys(self.key, blocks)
         return table
 
+    def bounds(self, dtype=torch.float32) -> torch.Tensor:
+        """key_bounds summaries of the full blocks (others random), in ``dtype``."""
+        table = torch.randn(self.key.shape[0], 2, self.key.shape[1], self.key.shape[3], device=DEVICE)
+        blocks = self.full_blocks()
+        table[blocks] = reference.key_bounds(self.key, blocks)
+        return table.to(dtype)
+
     def candidates(self, sink: int, recent: int) -> torch.Tensor:
         width = self.tables.shape[1]
         count = (self.lens.long() + self.block_tokens - 1) // self.block_tokens
@@ -141,6 +148,35 @@ def test_mean_keys_matches_reference(block_tokens, dtype):
     assert relative_error(table[blocks], ref) < 1e-5
 
 
+@pytest.mark.parametrize("block_tokens, dtype", [(16, torch.bfloat16), (64, torch.float16)])
+def test_key_bounds_match_reference_exactly(block_tokens, dtype):
+    paged = Paged([3000, 1500], 8, 4, 128, block_tokens, dtype, seed=4)
+    blocks = paged.full_blocks()
+    ref = reference.key_bounds(paged.key, blocks)
+    assert torch.equal(tk.key_bounds(paged.key, blocks), ref)
+    # In the cache's dtype too: a bound is one of the keys' own values.
+    table = torch.full((paged.key.shape[0], 2, 4, 128), float("nan"), device=DEVICE, dtype=dtype)
+    tk.key_bounds(paged.key, blocks, table, indexed=True)
+    assert torch.equal(table[blocks].float(), ref)
+
+
+@pytest.mark.parametrize(
+    "block_tokens, heads, dim, sink, recent",
+    [(16, (32, 8), 128, 1, 1), (16, (8, 8), 64, 0, 2), (32, (16, 2), 128, 2, 3), (128, (4, 1), 64, 1, 1)],
+)
+@pytest.mark.parametrize("summary_dtype", [torch.float32, torch.bfloat16])
+def test_key_bound_scores_match_reference(block_tokens, heads, dim, sink, recent, summary_dtype):
+    lens = [1, 2 * block_tokens, 5 * block_tokens - 3, 40 * block_tokens + 1, 300 * block_tokens]
+    paged = Paged(lens, *heads, dim, block_tokens, torch.bfloat16, seed=dim + sink + 1)
+    bounds = paged.bounds(summary_dtype)
+    candidates = paged.candidates(sink, recent)
+    logits = reference.key_bound_logits(paged.query, bounds.float(), paged.safe_tables(), paged.scale)
+    ref = reference.attention_share(logits, candidates)
+    out = tk.key_bound_scores(paged.query, bounds, paged.tables, paged.lens, block_tokens, sink, recent, paged.scale)
+    assert torch.equal(torch.isfinite(out), candidates)
+    assert relative_error(out[candidates], ref[candidates]) < 1e-4
+
+
 @pytest.mark.parametrize(
     "block_tokens, heads, dim, sink, recent",
     [(16, (32, 8), 128, 1, 1), (16, (8, 8), 64, 0, 2), (32, (16, 2), 128, 2, 3), (128, (4, 1), 64, 1, 1)],
@@ -183,6 +219,32 @@ def test_select_and_build_matches_reference(block_tokens, sink, recent, share, w
     scores = distinct_scores(7, width, gen)
     budget = max(sink + recent, int(width * share))
     check_selection(scores, tables, lens, block_tokens, sink, recent, budget)
+
+
+@pytest.mark.parametrize("width", [3000, 20000])
+@pytest.mark.parametrize("digit_bits", [1, 4, 8])
+def test_select_and_build_with_successors_and_any_digit(width, digit_bits):
+    gen = torch.Generator(device=DEVICE).manual_seed(width + digit_bits)
+    lens = torch.randint(1, width * 16, (5,), generator=gen, device=DEVICE, dtype=torch.int32)
+    lens[0], lens[1] = 3 * 16, width * 16
+    tables = torch.randint(0, 1 << 20, (5, width), generator=gen, device=DEVICE, dtype=torch.int32)
+    scores = distinct_scores(5, width, gen)
+    budget = width // 16
+    # Without successors, any digit width chooses what the reference chooses.
+    plain = tk.select_and_build(scores, tables, lens, 16, 1, 2, budget, digit_bits=digit_bits)
+    chosen, counts = reference.select_blocks(scores, lens, 16, 1, 2, budget)
+    assert torch.equal(plain[0], reference.sparse_tables(tables, lens, chosen, counts, 16)[0])
+    # With them, each chosen block's next block joins it.
+    num_blocks = (lens.long() + 15) // 16
+    chosen, counts = reference.with_successors(chosen, counts, num_blocks)
+    ref_table, ref_lens = reference.sparse_tables(tables, lens, chosen, counts, 16)
+    table, sparse_lens = tk.select_and_build(
+        scores, tables, lens, 16, 1, 2, budget, successors=True, digit_bits=digit_bits
+    )
+    assert torch.equal(sparse_lens, ref_lens)
+    for row, used in enumerate(((ref_lens.long() + 15) // 16).tolist()):
+        assert torch.equal(table[row, :used], ref_table[row, :used])
+    assert int(ref_lens[1]) > budget * 16  # successors joined the full row's choice
 
 
 def test_select_and_build_per_sequence_budgets():
@@ -304,3 +366,7 @@ def test_bad_inputs_name_what_is_wrong():
         tk.select_and_build(torch.rand(2, 13, device=DEVICE), paged.tables, paged.lens, 16, 2, 2, 3)
     with pytest.raises(ValueError, match="means"):
         tk.block_mean_scores(paged.query, torch.rand(10, 2, 32, device=DEVICE), paged.tables, paged.lens, 16, 1, 1, 0.1)
+    with pytest.raises(ValueError, match=r"bounds must be \[num_blocks, 2, kv_heads, head_dim\]"):
+        tk.key_bound_scores(paged.query, torch.rand(10, 2, 64, device=DEVICE), paged.tables, paged.lens, 16, 1, 1, 0.1)
+    with pytest.raises(ValueError, match="needs the summary table as out"):
+        tk.key_bounds(paged.key, torch.arange(3, device=DEVICE), indexed=True)

@@ -135,6 +135,8 @@ def test_shared_prefix_blocks_are_summarised_once_for_every_sequence():
         ({"algorithm": "block_mean", "budget_ratio": 0.5, "stride": 4, "pool": 1}, "'pool'.*at least 2"),
         ({"algorithm": "block_mean", "budget_ratio": 0.5, "stride": 4, "pool": -2}, "'pool'"),
         ({"algorithm": "block_mean", "budget_ratio": 0.5, "pool": 4}, "'pool'.*needs 'stride' > 1"),
+        ({"algorithm": "block_mean", "budget_ratio": 0.5, "successors": "yes"}, "'successors' must be true or false"),
+        ({"algorithm": "block_mean", "stride": 4, "pool": 2, "successors": True}, "drop 'successors'"),
         ({"algorithm": "block_mean", "budget_ratio": 0.5, "options": {"bits": 64}}, "no option.*'bits'"),
         ({"algorithm": "hash_codes", "budget_ratio": 0.5, "options": {"bits": 12}}, "multiple of 8"),
         ({"algorithm": "quest", "budget_ratio": 0.5}, "no 'ucm.sparse' plug-in named 'quest'.*block_mean"),
@@ -231,3 +233,36 @@ def test_a_pool_as_large_as_the_sequence_chooses_as_stride_one_does():
         want, want_lens = step(every, table, lens + i, seed=i)
         assert torch.equal(got_lens, want_lens)
         assert got[0, :4].tolist() == want[0, :4].tolist()
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+@pytest.mark.parametrize("name", ["key_bounds", "hash_codes"])
+def test_successors_spend_half_the_budget_on_the_blocks_after_the_best_ones(name, stride):
+    # Budget 12 blocks, sink 1, recent 2: a scan picks the windows and (12 - 3 - 1) // 2 = 4 middle
+    # blocks by score, then reads the block after each chosen block (the sink's too): at most 12.
+    sparse, _, _ = algorithm(name, budget_tokens=12 * BLOCK, recent_tokens=2 * BLOCK, stride=stride, successors=True)
+    scan, _, _ = algorithm(name, budget_tokens=7 * BLOCK, recent_tokens=2 * BLOCK, stride=stride)
+    table, lens = decode_row(40 * BLOCK + 3)
+    picked, _ = step(scan, table, lens, seed=3)
+    picked = set(picked[0, :7].tolist())
+    want = sorted(picked | {b + 1 for b in picked if b + 1 < 41})
+    for i in range(stride):  # the same blocks for the whole stride
+        tables, new_lens = step(sparse, table, lens + i, seed=3 + 100 * i)
+        count = len(want)
+        assert tables[0, :count].tolist() == want
+        assert int(new_lens[0]) == (count - 1) * BLOCK + 3 + i
+        assert 8 < count <= 12
+    stats = sparse.take_stats()
+    assert stats.retrievals == 1 and stats.blocks_read <= 12 * stride
+
+
+def test_successors_never_read_more_than_the_budget():
+    # A budget of exactly the two windows has no room for the sink's successor: the windows alone.
+    sparse, _, _ = algorithm("key_bounds", budget_tokens=3 * BLOCK, recent_tokens=2 * BLOCK, successors=True)
+    tables, lens = step(sparse, *decode_row(30 * BLOCK + 1))
+    assert tables[0, :3].tolist() == [0, 29, 30] and lens.tolist() == [2 * BLOCK + 1]
+    for budget in range(4, 12):
+        sparse, _, _ = algorithm("hash_codes", budget_tokens=budget * BLOCK, successors=True, stride=2)
+        for i in range(2):
+            _, lens = step(sparse, *decode_row(30 * BLOCK + 1 + i), seed=budget)
+            assert (int(lens[0]) - 1 - i) // BLOCK + 1 <= budget

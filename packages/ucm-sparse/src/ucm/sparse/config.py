@@ -28,6 +28,9 @@ class SparseConfig:
     # and every step chooses the budget among them with its own query (0: every step reads the
     # selection as it was made)
     pool: int = 0
+    # spend about half of the budget's middle blocks on the block after each of the best-scoring
+    # ones (text a block starts often runs on into the next), the whole read still within the budget
+    successors: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,10 @@ class SparseConfig:
             raise ValueError("sparse: 'pool' is a multiple of the budget: 0 (no pool) or at least 2, got 1")
         if self.pool and self.stride == 1:
             raise ValueError("sparse: 'pool' re-ranks a kept selection, so it needs 'stride' > 1")
+        if not isinstance(self.successors, bool):
+            raise ValueError(f"sparse: 'successors' must be true or false, got {self.successors!r}")
+        if self.successors and self.pool:
+            raise ValueError("sparse: a 'pool' already keeps each chosen block's successor: drop 'successors'")
         if not isinstance(self.options, dict):
             raise ValueError(f"sparse: 'options' must be a mapping, got {type(self.options).__name__}")
 
@@ -83,11 +90,16 @@ class SparseConfig:
         sink, recent = self.windows(block_tokens)
         return min(num_blocks, max(wanted, sink + recent))
 
-    def pool_blocks(self, num_blocks: int, block_tokens: int) -> int:
-        """How many blocks a selection chooses: the budget, or with a pool its windows and ``pool``
-        times its middle blocks (the block after each chosen one is kept too)."""
+    def scan_blocks(self, num_blocks: int, block_tokens: int) -> int:
+        """How many blocks a full scan chooses by score (the windows among them) before successors
+        join them: the budget; with a pool, the windows and ``pool`` times the budget's middle
+        blocks; with ``successors``, the windows and half of what the budget leaves after them and
+        the sink's own successor, so that with every chosen block's successor the read stays
+        within the budget."""
         budget = self.budget_blocks(num_blocks, block_tokens)
-        if not self.pool:
-            return budget
         sink, recent = self.windows(block_tokens)
-        return min(num_blocks, sink + recent + self.pool * (budget - sink - recent))
+        if self.pool:
+            return min(num_blocks, sink + recent + self.pool * (budget - sink - recent))
+        if self.successors:
+            return sink + recent + max(0, (budget - sink - recent - (1 if sink else 0)) // 2)
+        return budget

@@ -18,6 +18,8 @@ block from its summary (:meth:`summary_spec`, :meth:`summarize`, :meth:`logits`)
   the block after each kept block, and every step chooses the budget among them with its own
   query: the full scan is paid once per stride, and a later query that needs another part of the
   pool, or the text that runs on into the next block, still finds it.
+- With ``successors``, a scan chooses about half of the budget's middle blocks by score and reads
+  the block after each of them too, within the budget (at any stride).
 - Sequences whose blocks fit in the budget are read whole, so a budget of 100% is dense attention.
 """
 
@@ -145,8 +147,8 @@ class BlockRetrieval(UcmSparseBase, ABC):
             else:
                 due.append(i)
         if due:
-            keep = [self.config.pool_blocks(n, tokens) for n in num_blocks]  # the budget when there is no pool
-            found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, keep, scale)
+            keep = [self.config.scan_blocks(n, tokens) for n in num_blocks]  # the budget when plain
+            found = self._retrieve(state, query, block_tables, seq_lens, due, num_blocks, keep, budgets, scale)
             writing_of = dict(zip(rows, writing, strict=True))
             for row, blocks in zip(due, found, strict=True):
                 first = int(block_tables[row, 0])
@@ -200,10 +202,13 @@ class BlockRetrieval(UcmSparseBase, ABC):
         budgets: torch.Tensor,
         scale: float,
         successors: bool = False,
+        limits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and choose for ``rows`` (``counts`` blocks each): their physical blocks
         ``[rows, max budget]`` in order (with ``successors``, each chosen block's next block too),
-        and how many of each row's are chosen."""
+        and how many of each row's are chosen. With ``limits``, a row whose blocks and successors
+        would be more than its limit reads its choice without successors (only when the budget is
+        the two windows, and the sink's successor would be one block too many)."""
         tokens = self.block_tokens
         sink, recent = self.config.windows(tokens)
         width = int(counts.max())
@@ -216,7 +221,15 @@ class BlockRetrieval(UcmSparseBase, ABC):
         scores = reference.attention_share(self.logits(query[rows], state.summaries, safe, scale), candidates)
         chosen, chosen_counts = reference.select_blocks(scores, seq_lens[rows], tokens, sink, recent, budgets)
         if successors:
+            plain, plain_counts = chosen, chosen_counts
             chosen, chosen_counts = reference.with_successors(chosen, chosen_counts, counts)
+            if limits is not None:
+                over = chosen_counts > limits
+                if bool(over.any()):
+                    wide = max(chosen.shape[1], plain.shape[1])
+                    pad = lambda t: torch.nn.functional.pad(t, (0, wide - t.shape[1]), value=0)  # noqa: E731
+                    chosen = torch.where(over[:, None], pad(plain), pad(chosen))
+                    chosen_counts = torch.where(over, plain_counts, chosen_counts)
         return torch.gather(tables, 1, chosen), chosen_counts
 
     def _retrieve(
@@ -227,6 +240,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
         seq_lens: torch.Tensor,
         rows: list[int],
         num_blocks: list[int],
+        keep: list[int],
         budgets: list[int],
         scale: float,
     ) -> list[torch.Tensor]:
@@ -238,9 +252,10 @@ class BlockRetrieval(UcmSparseBase, ABC):
             seq_lens,
             torch.tensor(rows, device=device),
             torch.tensor([num_blocks[i] for i in rows], device=device),
-            torch.tensor([budgets[i] for i in rows], device=device),
+            torch.tensor([keep[i] for i in rows], device=device),
             scale,
-            successors=self.config.pool > 0,
+            successors=self.config.pool > 0 or self.config.successors,
+            limits=torch.tensor([budgets[i] for i in rows], device=device) if self.config.successors else None,
         )
         return [physical[r, : int(chosen_counts[r])].clone() for r in range(len(rows))]
 
@@ -292,13 +307,25 @@ class BlockRetrieval(UcmSparseBase, ABC):
         tokens = self.block_tokens
         lens = seq_lens.long()
         num_blocks = (lens + tokens - 1) // tokens
-        budget_of = self.config.budget_blocks  # the one budget rule, per sequence
-        budgets = torch.tensor([budget_of(n, tokens) for n in num_blocks.tolist()], device=num_blocks.device)
+        config = self.config  # the one budget rule, per sequence
+        budgets = torch.tensor([config.budget_blocks(n, tokens) for n in num_blocks.tolist()], device=num_blocks.device)
         rows = (budgets < num_blocks).nonzero().flatten()
         if rows.numel() == 0:
             return None
         counts = num_blocks[rows]
-        physical, chosen_counts = self._choose(state, query, block_tables, seq_lens, rows, counts, budgets[rows], scale)
+        scans = torch.tensor([config.scan_blocks(n, tokens) for n in counts.tolist()], device=counts.device)
+        physical, chosen_counts = self._choose(
+            state,
+            query,
+            block_tables,
+            seq_lens,
+            rows,
+            counts,
+            scans,
+            scale,
+            successors=config.successors,
+            limits=budgets[rows] if config.successors else None,
+        )
         out_tables = block_tables.clone()
         # Slots past a row's count repeat its last block: never read, the new length ends before them.
         out_tables[rows, : physical.shape[1]] = physical.to(block_tables.dtype)

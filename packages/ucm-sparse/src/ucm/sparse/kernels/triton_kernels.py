@@ -9,9 +9,11 @@ int32 ``[batch]``; query head ``h`` reads KV head ``h // (q_heads // kv_heads)``
 - :func:`paged_decode`: split-K decode attention over a block table; reads only the blocks the
   table lists up to each sequence's length, so with a table from :func:`select_and_build` its
   time follows the sparse budget.
-- :func:`mean_keys`: block-mean keys of full blocks (the ``block_mean`` summaries).
-- :func:`block_mean_scores`: ``attention_share(block_mean_logits(...))`` over the candidate
-  (middle) blocks, the candidates worked out in the kernel from ``seq_lens`` and the windows.
+- :func:`mean_keys`, :func:`key_bounds`: summaries of full blocks (``block_mean``'s mean keys,
+  ``key_bounds``' per-channel minimum and maximum).
+- :func:`block_mean_scores`, :func:`key_bound_scores`: ``attention_share`` of the algorithm's
+  logits over the candidate (middle) blocks, the candidates worked out in the kernel from
+  ``seq_lens`` and the windows.
 - :func:`select_and_build`: ``select_blocks`` then ``sparse_tables`` on the GPU with no host sync
   (one kernel: radix select of the k-th best score, then compaction), so a retrieval can sit in
   a CUDA graph. One budget for all sequences, or one each.
@@ -35,7 +37,15 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
 
-__all__ = ["available", "block_mean_scores", "mean_keys", "paged_decode", "select_and_build"]
+__all__ = [
+    "available",
+    "block_mean_scores",
+    "key_bound_scores",
+    "key_bounds",
+    "mean_keys",
+    "paged_decode",
+    "select_and_build",
+]
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
 
@@ -250,7 +260,7 @@ if triton is not None:
         tl.store(OUT + b * s_ob + h * s_oh + d * s_od, res.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _mean_keys_kernel(
+    def _summary_kernel(
         K,
         BLOCKS,
         OUT,
@@ -259,27 +269,38 @@ if triton is not None:
         s_kt,
         s_kd,
         s_ob,
+        s_o2,
         s_oh,
         s_od,
         BT: tl.constexpr,
         BT_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         INDEXED: tl.constexpr,
+        BOUNDS: tl.constexpr,
     ):
+        """One (block, KV head): the block's mean key, or (BOUNDS) its per-channel key minimum and maximum."""
         i = tl.program_id(0)
         h = tl.program_id(1)
         blk = tl.load(BLOCKS + i).to(tl.int64)
         t = tl.arange(0, BT_PAD)
         d = tl.arange(0, HEAD_DIM)
-        k = tl.load(K + blk * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=t[:, None] < BT, other=0.0)
-        mean = tl.sum(k.to(tl.float32), 0) / BT
+        t_ok = t[:, None] < BT
         out_row = blk if INDEXED else i.to(tl.int64)
-        tl.store(OUT + out_row * s_ob + h * s_oh + d * s_od, mean.to(OUT.dtype.element_ty))
+        dest = OUT + out_row * s_ob + h * s_oh + d * s_od
+        if BOUNDS:
+            k = tl.load(K + blk * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=t_ok, other=0.0)
+            k = k.to(tl.float32)
+            tl.store(dest, tl.min(tl.where(t_ok, k, float("inf")), 0).to(OUT.dtype.element_ty))
+            tl.store(dest + s_o2, tl.max(tl.where(t_ok, k, float("-inf")), 0).to(OUT.dtype.element_ty))
+        else:
+            k = tl.load(K + blk * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=t_ok, other=0.0)
+            mean = tl.sum(k.to(tl.float32), 0) / BT
+            tl.store(dest, mean.to(OUT.dtype.element_ty))
 
     @triton.jit
     def _score_logits_kernel(
         Q,
-        MEANS,
+        SUMMARY,
         TABLE,
         LENS,
         LOGITS,
@@ -292,6 +313,7 @@ if triton is not None:
         s_qh,
         s_qd,
         s_mb,
+        s_m2,
         s_mh,
         s_md,
         s_tb,
@@ -304,10 +326,11 @@ if triton is not None:
         SINK: tl.constexpr,
         RECENT: tl.constexpr,
         BLOCK_W: tl.constexpr,
-        D_SLICE: tl.constexpr,
+        BOUNDS: tl.constexpr,
     ):
         """One (sequence, KV head, chunk of blocks): logits of the head's query group against the
-        candidates' mean keys, stored, with the chunk's per-head max and sum of exponentials."""
+        candidates' summaries (mean keys, or with BOUNDS per-channel key bounds: the larger of
+        q * min and q * max, summed), stored, with the chunk's per-head max and sum of exponentials."""
         pid = tl.program_id(0)
         c = tl.program_id(1)
         b = pid // KV_HEADS
@@ -320,15 +343,21 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         g_ok = g < GROUP
         heads = kvh * GROUP + g
-        # Exact float32 dot products, head_dim in slices: [group, blocks, slice] products summed.
+        # Exact float32 products: the chunk's summary tile is loaded once (all loads in flight
+        # together), then each query head of the group is scored against it.
+        d = tl.arange(0, HEAD_DIM)
+        at = SUMMARY + phys[:, None] * s_mb + kvh * s_mh + d[None, :] * s_md
+        first = tl.load(at, mask=cand[:, None], other=0.0).to(tl.float32)
+        if BOUNDS:
+            second = tl.load(at + s_m2, mask=cand[:, None], other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_W], tl.float32)
-        for d0 in tl.static_range(0, HEAD_DIM, D_SLICE):
-            d = d0 + tl.arange(0, D_SLICE)
-            means = tl.load(
-                MEANS + phys[:, None] * s_mb + kvh * s_mh + d[None, :] * s_md, mask=cand[:, None], other=0.0
-            ).to(tl.float32)
-            q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd, mask=g_ok[:, None], other=0.0)
-            acc += tl.sum(q.to(tl.float32)[:, None, :] * means[None, :, :], 2)
+        for gi in tl.static_range(GROUP):
+            q = tl.load(Q + b * s_qb + (kvh * GROUP + gi) * s_qh + d * s_qd).to(tl.float32)[None, :]
+            if BOUNDS:
+                row = tl.sum(tl.maximum(q * first, q * second), 1)
+            else:
+                row = tl.sum(q * first, 1)
+            acc = tl.where(g[:, None] == gi, row[None, :], acc)
         logits = acc * scale
         logits = tl.where(cand[None, :], logits, float("-inf"))
         rows = b * (KV_HEADS * GROUP) + heads
@@ -429,51 +458,74 @@ if triton is not None:
         CHUNK: tl.constexpr,
         PER_ROW: tl.constexpr,
         SUCCESSORS: tl.constexpr,
+        SINGLE: tl.constexpr,
+        DIGIT_BITS: tl.constexpr,
+        NBINS: tl.constexpr,
     ):
-        """One sequence: the k-th best middle score by radix select (four passes of 8-bit digit
-        histograms), then sink, recent and the best ``k_mid`` middle blocks (with SUCCESSORS, and
-        the block after each chosen one) compacted in ascending order into the sparse table, the
-        rest of its ``out_width`` slots padded with the last block; the length."""
+        """One sequence: the k-th best middle score by radix select (up to 32 / DIGIT_BITS passes of
+        digit histograms, fewer once the k-th key's bin is taken whole; a row of up to CHUNK
+        blocks is read once), then sink, recent and the best
+        ``k_mid`` middle blocks (with SUCCESSORS, and the block after each chosen one) compacted in
+        ascending order into the sparse table, the rest of its ``out_width`` slots padded with the
+        last block; the length."""
         b = tl.program_id(0)
         seq_len = tl.load(LENS + b).to(tl.int32)
         num_blocks = tl.cdiv(seq_len, BT)
         if PER_ROW:  # this sequence's budget (the table is as wide as the largest)
             k_mid = tl.maximum(tl.minimum(tl.load(BUDGETS + b).to(tl.int32), take) - SINK - RECENT, 0)
         ar = tl.arange(0, CHUNK)
-        bins = tl.arange(0, 512)  # digits 0..255; 256 collects the positions that do not take part
-        digit_bins = bins < 256
         row = SCORES + b.to(tl.int64) * s_sb
         zero = tl.sum(tl.zeros([CHUNK], tl.int32), 0)  # scalar tensors: loop-carried values keep one type
         prefix = zero  # the k-th key's digits found so far
         need = zero + k_mid  # keys equal to the prefix still to take, best first
-        n_cand = zero
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.zeros([512], tl.int32)
-            for n0 in range(0, width, CHUNK):
-                ukey, cand = _middle_keys(row, n0 + ar, s_sn, width, num_blocks, SINK, RECENT)
-                if p == 0:
-                    match = cand
+        fewer = zero  # 1 when there are fewer middle blocks than wanted: all of them are taken
+        done = zero  # 1 once every key that starts with the prefix is to be taken: later digits change nothing
+        if SINGLE:  # the whole row fits one chunk: read it once, keep it in registers
+            ukey0, cand0 = _middle_keys(row, ar, s_sn, width, num_blocks, SINK, RECENT)
+        for pas in tl.static_range(32 // DIGIT_BITS):
+            shift = 32 - DIGIT_BITS * (pas + 1)
+            if done == 0:
+                if SINGLE:
+                    match = cand0
+                    if pas > 0:
+                        match = cand0 & ((ukey0 >> (shift + DIGIT_BITS)) == (prefix >> (shift + DIGIT_BITS)))
+                    hist = tl.histogram((ukey0 >> shift) & (NBINS - 1), NBINS, mask=match)
                 else:
-                    match = cand & ((ukey >> (shift + 8)) == (prefix >> (shift + 8)))
-                hist += tl.histogram(tl.where(match, (ukey >> shift) & 255, 256), 512)
-            hist = tl.where(digit_bins, hist, 0)
-            total = tl.sum(hist, 0)
-            if p == 0:
-                n_cand = total
-            at_least = total - tl.cumsum(hist, 0) + hist  # keys whose digit is >= each bin
-            digit = tl.max(tl.where(digit_bins & (at_least >= need), bins, 0), 0)
-            need = need - tl.sum(tl.where(bins > digit, hist, 0), 0)
-            prefix = prefix | (digit << shift)
-        # No more middle blocks than wanted: all of them (every middle key beats the smallest int).
-        kth = tl.where(n_cand <= k_mid, -2147483648, prefix ^ -2147483648)
+                    hist = tl.zeros([NBINS], tl.int32)
+                    for n0 in range(0, width, CHUNK):
+                        ukey, cand = _middle_keys(row, n0 + ar, s_sn, width, num_blocks, SINK, RECENT)
+                        match = cand
+                        if pas > 0:
+                            match = cand & ((ukey >> (shift + DIGIT_BITS)) == (prefix >> (shift + DIGIT_BITS)))
+                        hist += tl.histogram((ukey >> shift) & (NBINS - 1), NBINS, mask=match)
+                at_least = tl.cumsum(hist, 0, reverse=True)  # keys whose digit is >= each bin
+                # The digit is the last bin with at least `need` keys at or above it (those bins are
+                # a prefix); the keys above it are the other bins'. When a bin has exactly `need`
+                # keys at or above it, the digit's bin is taken whole and the search is over. One
+                # reduction gives the three counts (bits 0-31, 32-47 and 48 up).
+                ge = at_least >= need
+                packed = tl.sum(
+                    tl.where(ge, 4294967296, hist.to(tl.int64)) + tl.where(at_least == need, 281474976710656, 0), 0
+                )
+                n_ge = ((packed >> 32) & 65535).to(tl.int32)
+                if pas == 0:
+                    fewer = (n_ge == 0).to(tl.int32)
+                digit = tl.maximum(n_ge - 1, 0)
+                need = need - (packed & 4294967295).to(tl.int32)
+                prefix = prefix | (digit << shift)
+                done = ((packed >> 48) > 0).to(tl.int32) | fewer
+        # Fewer middle blocks than wanted: all of them (every middle key beats the smallest int).
+        kth = tl.where(fewer > 0, -2147483648, prefix ^ -2147483648)
         table_row = TABLE + b.to(tl.int64) * s_tb
         out_row = OUT_TABLE + b.to(tl.int64) * s_ob
         count = zero
         ties = zero
         for n0 in range(0, width, CHUNK):
             n = n0 + ar
-            ukey, cand = _middle_keys(row, n, s_sn, width, num_blocks, SINK, RECENT)
+            if SINGLE:
+                ukey, cand = ukey0, cand0
+            else:
+                ukey, cand = _middle_keys(row, n, s_sn, width, num_blocks, SINK, RECENT)
             key = ukey ^ -2147483648
             inside = (n < width) & (n < num_blocks)
             tie = (cand & (key == kth)).to(tl.int32)
@@ -482,13 +534,13 @@ if triton is not None:
             mid = cand & ((key > kth) | ((tie > 0) & (tie_rank < need)))
             chosen = inside & ((n < SINK) | (n >= num_blocks - RECENT) | mid)
             if SUCCESSORS:  # the same test at the block before: ties before it are ties before n less its own
-                p = n - 1
-                ukey_p, cand_p = _middle_keys(row, tl.maximum(p, 0), s_sn, width, num_blocks, SINK, RECENT)
+                prev = n - 1
+                ukey_p, cand_p = _middle_keys(row, tl.maximum(prev, 0), s_sn, width, num_blocks, SINK, RECENT)
                 key_p = ukey_p ^ -2147483648
                 tie_p = (cand_p & (key_p == kth)).to(tl.int32)
                 mid_p = cand_p & ((key_p > kth) | ((tie_p > 0) & (tie_rank - tie_p < need)))
                 # `inside` puts n, and so p, within the table and the sequence.
-                chosen = chosen | (inside & (p >= 0) & ((p < SINK) | (p >= num_blocks - RECENT) | mid_p))
+                chosen = chosen | (inside & (prev >= 0) & ((prev < SINK) | (prev >= num_blocks - RECENT) | mid_p))
             taken = chosen.to(tl.int32)
             slot = tl.cumsum(taken, 0) - taken + count
             phys = tl.load(table_row + n * s_tn, mask=chosen, other=0)
@@ -606,6 +658,43 @@ def paged_decode(
     return out
 
 
+def _summaries(key_cache: torch.Tensor, blocks: torch.Tensor, out, indexed: bool, bounds: bool) -> torch.Tensor:
+    name = "key_bounds" if bounds else "mean_keys"
+    _require_triton()
+    if key_cache.dim() != 4:
+        _fail(f"key_cache must be [num_blocks, kv_heads, block_tokens, head_dim], got {tuple(key_cache.shape)}")
+    num_blocks, kv_heads, block_tokens, dim = key_cache.shape
+    if dim & (dim - 1):
+        _fail(f"head_dim must be a power of two, got {dim}")
+    _check_index("blocks", blocks, 1)
+    _check_device("blocks", blocks, key_cache.device)
+    rows = num_blocks if indexed else blocks.shape[0]
+    shape = (rows, 2, kv_heads, dim) if bounds else (rows, kv_heads, dim)
+    if out is None:
+        if indexed:
+            _fail(f"{name}(indexed=True) needs the summary table as out")
+        out = torch.empty(shape, device=key_cache.device, dtype=torch.float32)
+    elif tuple(out.shape) != shape or out.device != key_cache.device:
+        _fail(f"out must be {shape} on {key_cache.device}, got {tuple(out.shape)} on {out.device}")
+    if blocks.numel() == 0:
+        return out
+    strides = out.stride() if bounds else (out.stride(0), 0, *out.stride()[1:])
+    _summary_kernel[(blocks.shape[0], kv_heads)](
+        key_cache,
+        blocks,
+        out,
+        *key_cache.stride(),
+        *strides,
+        BT=block_tokens,
+        BT_PAD=max(2, _pow2(block_tokens)),
+        HEAD_DIM=dim,
+        INDEXED=indexed,
+        BOUNDS=bounds,
+        num_warps=4,
+    )
+    return out
+
+
 def mean_keys(
     key_cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None, *, indexed: bool = False
 ) -> torch.Tensor:
@@ -616,36 +705,18 @@ def mean_keys(
     ``[num_blocks, kv_heads, head_dim]`` and row ``blocks[i]`` is written in place (one launch
     instead of a computation and a scatter).
     """
-    _require_triton()
-    if key_cache.dim() != 4:
-        _fail(f"key_cache must be [num_blocks, kv_heads, block_tokens, head_dim], got {tuple(key_cache.shape)}")
-    num_blocks, kv_heads, block_tokens, dim = key_cache.shape
-    if dim & (dim - 1):
-        _fail(f"head_dim must be a power of two, got {dim}")
-    _check_index("blocks", blocks, 1)
-    _check_device("blocks", blocks, key_cache.device)
-    rows = num_blocks if indexed else blocks.shape[0]
-    if out is None:
-        if indexed:
-            _fail("mean_keys(indexed=True) needs the summary table as out")
-        out = torch.empty((rows, kv_heads, dim), device=key_cache.device, dtype=torch.float32)
-    elif tuple(out.shape) != (rows, kv_heads, dim) or out.device != key_cache.device:
-        _fail(f"out must be {(rows, kv_heads, dim)} on {key_cache.device}, got {tuple(out.shape)} on {out.device}")
-    if blocks.numel() == 0:
-        return out
-    _mean_keys_kernel[(blocks.shape[0], kv_heads)](
-        key_cache,
-        blocks,
-        out,
-        *key_cache.stride(),
-        *out.stride(),
-        BT=block_tokens,
-        BT_PAD=max(2, _pow2(block_tokens)),
-        HEAD_DIM=dim,
-        INDEXED=indexed,
-        num_warps=4,
-    )
-    return out
+    return _summaries(key_cache, blocks, out, indexed, bounds=False)
+
+
+def key_bounds(
+    key_cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None, *, indexed: bool = False
+) -> torch.Tensor:
+    """Per-channel key minimum and maximum of the full ``blocks``, as ``reference.key_bounds``:
+    ``[len(blocks), 2, kv_heads, head_dim]`` (float32 unless ``out`` says otherwise; in the cache's
+    own dtype the bounds are exact, a minimum and a maximum of its values, at half the bytes).
+    ``indexed`` as for :func:`mean_keys`, with ``out`` the table ``[num_blocks, 2, kv_heads, head_dim]``.
+    """
+    return _summaries(key_cache, blocks, out, indexed, bounds=True)
 
 
 def _check_windows(block_tokens: int, sink_blocks: int, recent_blocks: int) -> None:
@@ -653,6 +724,105 @@ def _check_windows(block_tokens: int, sink_blocks: int, recent_blocks: int) -> N
         _fail(f"block_tokens must be >= 1, got {block_tokens}")
     if sink_blocks < 0 or recent_blocks < 0:
         _fail(f"sink_blocks and recent_blocks must be >= 0, got {sink_blocks} and {recent_blocks}")
+
+
+def _block_scores(
+    query: torch.Tensor,
+    summary: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tokens: int,
+    sink_blocks: int,
+    recent_blocks: int,
+    scale: float,
+    out: torch.Tensor | None,
+    bounds: bool,
+    block_w: int = 32,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    _require_triton()
+    if query.dim() != 3:
+        _fail(f"query must be [batch, q_heads, head_dim], got shape {tuple(query.shape)}")
+    batch, q_heads, dim = query.shape
+    if bounds:
+        if summary.dim() != 4 or summary.shape[1] != 2:
+            _fail(f"bounds must be [num_blocks, 2, kv_heads, head_dim], got shape {tuple(summary.shape)}")
+        strides = summary.stride()
+    else:
+        if summary.dim() != 3:
+            _fail(f"means must be [num_blocks, kv_heads, head_dim], got shape {tuple(summary.shape)}")
+        strides = (summary.stride(0), 0, *summary.stride()[1:])
+    name = "bounds" if bounds else "means"
+    kv_heads = summary.shape[-2]
+    if summary.shape[-1] != dim:
+        _fail(f"head_dim of {name} ({summary.shape[-1]}) differs from the query's ({dim})")
+    if dim < 16 or dim & (dim - 1):
+        _fail(f"head_dim must be a power of two >= 16, got {dim}")
+    if kv_heads < 1 or q_heads % kv_heads:
+        _fail(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    _check_index("block_tables", block_tables, 2)
+    _check_index("seq_lens", seq_lens, 1)
+    if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
+        _fail(f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} need {batch} rows")
+    _check_windows(block_tokens, sink_blocks, recent_blocks)
+    for label, tensor in ((name, summary), ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        _check_device(label, tensor, query.device)
+    width = block_tables.shape[1]
+    if out is None:
+        out = torch.empty((batch, width), device=query.device, dtype=torch.float32)
+    elif tuple(out.shape) != (batch, width) or out.dtype != torch.float32:
+        _fail(f"out must be float32 {(batch, width)}, got {out.dtype} {tuple(out.shape)}")
+    if batch == 0 or width == 0:
+        return out
+    group = q_heads // kv_heads
+    chunks = triton.cdiv(width, block_w)
+    logits = torch.empty((batch * q_heads, width), device=query.device, dtype=torch.float32)
+    stat_max = torch.empty((batch * q_heads, chunks), device=query.device, dtype=torch.float32)
+    stat_sum = torch.empty_like(stat_max)
+    _score_logits_kernel[(batch * kv_heads, chunks)](
+        query,
+        summary,
+        block_tables,
+        seq_lens,
+        logits,
+        stat_max,
+        stat_sum,
+        float(scale),
+        width,
+        chunks,
+        *query.stride(),
+        *strides,
+        *block_tables.stride(),
+        KV_HEADS=kv_heads,
+        GROUP=group,
+        BLOCK_G=_pow2(group),
+        HEAD_DIM=dim,
+        BT=block_tokens,
+        SINK=sink_blocks,
+        RECENT=recent_blocks,
+        BLOCK_W=block_w,
+        BOUNDS=bounds,
+        num_warps=num_warps,
+    )
+    _score_share_kernel[(batch, triton.cdiv(width, 64))](
+        logits,
+        stat_max,
+        stat_sum,
+        seq_lens,
+        out,
+        width,
+        chunks,
+        *out.stride(),
+        Q_HEADS=q_heads,
+        HQ_PAD=max(2, _pow2(q_heads)),
+        BT=block_tokens,
+        SINK=sink_blocks,
+        RECENT=recent_blocks,
+        BLOCK_W=64,
+        STAT_CHUNK=64,
+        num_warps=4,
+    )
+    return out
 
 
 def block_mean_scores(
@@ -675,83 +845,30 @@ def block_mean_scores(
     ``means``: the per-physical-block summaries ``[num_blocks, kv_heads, head_dim]`` (any float
     dtype, any strides). Two launches: logits with per-chunk softmax statistics, then the shares.
     """
-    _require_triton()
-    if query.dim() != 3:
-        _fail(f"query must be [batch, q_heads, head_dim], got shape {tuple(query.shape)}")
-    batch, q_heads, dim = query.shape
-    if means.dim() != 3:
-        _fail(f"means must be [num_blocks, kv_heads, head_dim], got shape {tuple(means.shape)}")
-    kv_heads = means.shape[1]
-    if means.shape[2] != dim:
-        _fail(f"head_dim of means ({means.shape[2]}) differs from the query's ({dim})")
-    if dim < 16 or dim & (dim - 1):
-        _fail(f"head_dim must be a power of two >= 16, got {dim}")
-    if kv_heads < 1 or q_heads % kv_heads:
-        _fail(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
-    _check_index("block_tables", block_tables, 2)
-    _check_index("seq_lens", seq_lens, 1)
-    if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
-        _fail(f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} need {batch} rows")
-    _check_windows(block_tokens, sink_blocks, recent_blocks)
-    for name, tensor in (("means", means), ("block_tables", block_tables), ("seq_lens", seq_lens)):
-        _check_device(name, tensor, query.device)
-    width = block_tables.shape[1]
-    if out is None:
-        out = torch.empty((batch, width), device=query.device, dtype=torch.float32)
-    elif tuple(out.shape) != (batch, width) or out.dtype != torch.float32:
-        _fail(f"out must be float32 {(batch, width)}, got {out.dtype} {tuple(out.shape)}")
-    if batch == 0 or width == 0:
-        return out
-    group = q_heads // kv_heads
-    block_w = 64
-    chunks = triton.cdiv(width, block_w)
-    logits = torch.empty((batch * q_heads, width), device=query.device, dtype=torch.float32)
-    stat_max = torch.empty((batch * q_heads, chunks), device=query.device, dtype=torch.float32)
-    stat_sum = torch.empty_like(stat_max)
-    _score_logits_kernel[(batch * kv_heads, chunks)](
-        query,
-        means,
-        block_tables,
-        seq_lens,
-        logits,
-        stat_max,
-        stat_sum,
-        float(scale),
-        width,
-        chunks,
-        *query.stride(),
-        *means.stride(),
-        *block_tables.stride(),
-        KV_HEADS=kv_heads,
-        GROUP=group,
-        BLOCK_G=_pow2(group),
-        HEAD_DIM=dim,
-        BT=block_tokens,
-        SINK=sink_blocks,
-        RECENT=recent_blocks,
-        BLOCK_W=block_w,
-        D_SLICE=min(dim, max(4, 128 // _pow2(group))),
-        num_warps=4,
+    return _block_scores(
+        query, means, block_tables, seq_lens, block_tokens, sink_blocks, recent_blocks, scale, out, bounds=False
     )
-    _score_share_kernel[(batch, chunks)](
-        logits,
-        stat_max,
-        stat_sum,
-        seq_lens,
-        out,
-        width,
-        chunks,
-        *out.stride(),
-        Q_HEADS=q_heads,
-        HQ_PAD=max(2, _pow2(q_heads)),
-        BT=block_tokens,
-        SINK=sink_blocks,
-        RECENT=recent_blocks,
-        BLOCK_W=block_w,
-        STAT_CHUNK=64,
-        num_warps=4,
+
+
+def key_bound_scores(
+    query: torch.Tensor,
+    bounds: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tokens: int,
+    sink_blocks: int,
+    recent_blocks: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block scores ``[batch, max_blocks]`` (float32) of the key-bounds algorithm:
+    ``reference.attention_share(reference.key_bound_logits(...), candidates)``, candidates and
+    launches as in :func:`block_mean_scores`. ``bounds``: the per-physical-block summaries
+    ``[num_blocks, 2, kv_heads, head_dim]`` (minimum, then maximum; any float dtype, any strides).
+    """
+    return _block_scores(
+        query, bounds, block_tables, seq_lens, block_tokens, sink_blocks, recent_blocks, scale, out, bounds=True
     )
-    return out
 
 
 def select_and_build(
@@ -765,6 +882,7 @@ def select_and_build(
     *,
     max_budget: int | None = None,
     successors: bool = False,
+    digit_bits: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.select_blocks`` (then ``reference.with_successors`` with ``successors``) and
     ``reference.sparse_tables`` in one launch.
@@ -785,6 +903,8 @@ def select_and_build(
 
     With ``successors`` each chosen block's next block joins it (a retrieval pool): the table is
     then up to twice the budget wide, and the length counts every block it names.
+    ``digit_bits`` (1, 2, 4 or 8): the radix select's digit, at most ``32 / digit_bits`` passes (4
+    was the fastest on an H200 for rows of 512 to 20000 blocks).
     """
     _require_triton()
     if scores.dim() != 2:
@@ -800,6 +920,9 @@ def select_and_build(
             f"{tuple(scores.shape)}"
         )
     _check_windows(block_tokens, sink_blocks, recent_blocks)
+    chunk = min(8192, max(1024, _pow2(width)))
+    if digit_bits not in (1, 2, 4, 8):
+        _fail(f"digit_bits must be 1, 2, 4 or 8, got {digit_bits}")
     _check_device("scores", scores, scores.device)
     for name, tensor in (("block_tables", block_tables), ("seq_lens", seq_lens)):
         _check_device(name, tensor, scores.device)
@@ -824,7 +947,6 @@ def select_and_build(
     lens = torch.empty((batch,), device=scores.device, dtype=seq_lens.dtype)
     if batch == 0 or take == 0:
         return table, lens
-    chunk = min(8192, max(1024, _pow2(width)))
     _select_kernel[(batch,)](
         scores,
         block_tables,
@@ -845,6 +967,9 @@ def select_and_build(
         CHUNK=chunk,
         PER_ROW=per_row,
         SUCCESSORS=successors,
+        SINGLE=width <= chunk,
+        DIGIT_BITS=digit_bits,
+        NBINS=1 << digit_bits,
         num_warps=max(4, chunk // 512),
     )
     return table, lens
