@@ -47,6 +47,14 @@ CONFIGS = [
         "key_bounds 1/16, stride 8, pool 2",
         {"algorithm": "key_bounds", "budget_ratio": 0.0625, "stride": 8, "pool": 2},
     ),
+    (
+        "key_bounds 1/16, stride 8, successors",
+        {"algorithm": "key_bounds", "budget_ratio": 0.0625, "stride": 8, "successors": True},
+    ),
+    (
+        "key_bounds 1/16, stride 1, successors",
+        {"algorithm": "key_bounds", "budget_ratio": 0.0625, "stride": 1, "successors": True},
+    ),
 ]
 
 

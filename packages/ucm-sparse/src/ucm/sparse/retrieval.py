@@ -36,6 +36,11 @@ from ucm.sparse.config import SparseConfig
 from ucm.sparse.kernels import reference
 
 
+def _widen(indices: torch.Tensor, width: int) -> torch.Tensor:
+    """``indices [rows, n]`` padded with zeros (a valid position, past every row's count) to ``width`` columns."""
+    return torch.nn.functional.pad(indices, (0, width - indices.shape[1]), value=0)
+
+
 @dataclass
 class _Choice:
     blocks: torch.Tensor  # physical blocks kept in order, the block being written last (with a pool: re-ranked)
@@ -227,8 +232,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
                 over = chosen_counts > limits
                 if bool(over.any()):
                     wide = max(chosen.shape[1], plain.shape[1])
-                    pad = lambda t: torch.nn.functional.pad(t, (0, wide - t.shape[1]), value=0)  # noqa: E731
-                    chosen = torch.where(over[:, None], pad(plain), pad(chosen))
+                    chosen = torch.where(over[:, None], _widen(plain, wide), _widen(chosen, wide))
                     chosen_counts = torch.where(over, plain_counts, chosen_counts)
         return torch.gather(tables, 1, chosen), chosen_counts
 
