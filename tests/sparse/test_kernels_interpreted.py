@@ -108,6 +108,16 @@ CHECK = textwrap.dedent(
         got = tk.select_and_build(random_scores, tables, lens, BT, sink, recent, budgets, successors=True)
         same(got, want, f"successors, seed {seed}")
 
+    # A budget of just the windows chooses no middle block; a tie-heavy row at 1- and 8-bit digits.
+    for bits in (1, 8):
+        for want_budget in (2, 5):
+            picks, picked = ref.select_blocks(random_scores, lens, BT, sink, recent, want_budget)
+            want = ref.sparse_tables(tables, lens, picks, picked, BT)
+            got = tk.select_and_build(random_scores, tables, lens, BT, sink, recent, want_budget, digit_bits=bits)
+            assert got[1].tolist() == want[1].tolist(), (bits, want_budget)
+            if want_budget == 2:
+                same(got, want, f"windows only, {bits}-bit digits")
+
     # Rows wider than one chunk of the select kernel (read chunk by chunk), distinct scores.
     wide = 9000
     g = torch.Generator().manual_seed(7)

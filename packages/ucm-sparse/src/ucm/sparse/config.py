@@ -95,7 +95,8 @@ class SparseConfig:
         join them: the budget; with a pool, the windows and ``pool`` times the budget's middle
         blocks; with ``successors``, the windows and half of what the budget leaves after them and
         the sink's own successor, so that with every chosen block's successor the read stays
-        within the budget."""
+        within the budget. The one exception: a budget of just the two windows has no room for
+        the sink's successor, and its read must skip the successors (``BlockRetrieval`` does)."""
         budget = self.budget_blocks(num_blocks, block_tokens)
         sink, recent = self.windows(block_tokens)
         if self.pool:

@@ -209,8 +209,9 @@ class BlockRetrieval(UcmSparseBase, ABC):
         successors: bool = False,
         limits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score and choose for ``rows`` (``counts`` blocks each): their physical blocks
-        ``[rows, max budget]`` in order (with ``successors``, each chosen block's next block too),
+        """Score and choose for ``rows`` (``counts`` blocks each): their physical blocks in order,
+        ``[rows, at least the largest count chosen]`` (with ``successors``, each chosen block's next
+        block too, up to twice as wide),
         and how many of each row's are chosen. With ``limits``, a row whose blocks and successors
         would be more than its limit reads its choice without successors (only when the budget is
         the two windows, and the sink's successor would be one block too many)."""
@@ -331,7 +332,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
             limits=budgets[rows] if config.successors else None,
         )
         out_tables = block_tables.clone()
-        # Slots past a row's count repeat its last block: never read, the new length ends before them.
+        # Slots past a row's count hold any valid block: never read, the new length ends before them.
         out_tables[rows, : physical.shape[1]] = physical.to(block_tables.dtype)
         tail = lens[rows] - (counts - 1) * tokens
         out_lens = seq_lens.clone()

@@ -55,13 +55,24 @@ def _interpreting() -> bool:
 
 
 def available() -> bool:
-    """Whether the kernels can run here: Triton is importable and a CUDA device is present."""
-    return triton is not None and (torch.cuda.is_available() or _interpreting())
+    """Whether the kernels can run here: Triton (3.4 or newer) is importable and a CUDA device is present."""
+    return triton is not None and _histogram_takes_a_mask() and (torch.cuda.is_available() or _interpreting())
 
 
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("ucm.sparse Triton kernels need the 'triton' package (install ucm-sparse[cuda])")
+    if not _histogram_takes_a_mask():
+        raise RuntimeError(
+            f"ucm.sparse Triton kernels need triton >= 3.4 (tl.histogram's mask), got {triton.__version__}"
+        )
+
+
+@functools.cache
+def _histogram_takes_a_mask() -> bool:
+    import inspect
+
+    return "mask" in inspect.signature(tl.histogram).parameters
 
 
 def _fail(message: str) -> None:
@@ -901,8 +912,11 @@ def select_and_build(
     is the largest budget: pass it as ``max_budget`` to keep the call free of host syncs (a CUDA
     graph needs that), otherwise it is read from the device.
 
-    With ``successors`` each chosen block's next block joins it (a retrieval pool): the table is
-    then up to twice the budget wide, and the length counts every block it names.
+    With ``successors`` each chosen block's next block joins it (a retrieval pool, or the
+    ``successors`` setting with ``SparseConfig.scan_blocks`` as the budget): the table is then up
+    to twice the budget wide, and the length counts every block it names. The caller keeps that
+    within its own budget (with a budget of just the two windows the sink's successor is one
+    block more: choose without successors there, as ``BlockRetrieval`` does).
     ``digit_bits`` (1, 2, 4 or 8): the radix select's digit, at most ``32 / digit_bits`` passes (4
     was the fastest on an H200 for rows of 512 to 20000 blocks).
     """
