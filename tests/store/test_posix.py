@@ -301,7 +301,9 @@ def test_eviction_from_a_second_process_sharing_the_root(open_test_store, root):
 
     after = disk_bytes(root)
     assert after <= CAPACITY
-    assert freed == before - after > 0
+    # The child's store may start its background pass as it opens, before evict_now: the two
+    # passes together freed what the disk lost, evict_now only its own share of it.
+    assert before - after > 0 and 0 <= freed <= before - after
     evicted = assert_evicted_oldest_first(store, ids)
     assert evicted >= 10
     failed, wrong = load_entries(store, entries)
