@@ -229,10 +229,9 @@ class Decoder:
                 scores = ref.attention_share(logits, candidates)
                 scan = self.rule().scan_blocks(num_blocks, block) if policy.successors else policy.budget
                 picks, counts = ref.select_blocks(scores, seq_lens, block, policy.sink, policy.recent, scan)
-                if policy.successors:
-                    wide, wide_counts = ref.with_successors(picks, counts, torch.full_like(counts, num_blocks))
-                    if int(wide_counts.max()) <= policy.budget:  # as BlockRetrieval: never past the budget
-                        picks = wide
+                if policy.successors:  # as BlockRetrieval: never past the budget
+                    full = torch.full_like(counts, num_blocks)
+                    picks, _ = ref.with_successors(picks, counts, full, torch.full_like(counts, policy.budget))
                 chosen = torch.zeros_like(candidates).scatter_(1, picks, True)
             else:
                 chosen = self.masks[layer] | recent

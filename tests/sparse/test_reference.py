@@ -175,3 +175,13 @@ def test_successors_join_each_chosen_block_within_its_sequence():
     assert new_counts.tolist() == [6, 4]
     assert order[0].tolist() == [0, 1, 3, 4, 5, 9]  # 9 is the last block: nothing after it
     assert order[1].tolist() == [0, 1, 2, 5, 5, 5]  # padded with the last block
+
+
+def test_successors_within_a_limit_or_not_at_all():
+    chosen = torch.tensor([[0, 3, 9, 9], [0, 4, 5, 5]])
+    counts = torch.tensor([3, 3])
+    num_blocks = torch.tensor([10, 6])
+    # Row 0 would read 5 blocks (0, 1, 3, 4, 9), more than its limit of 4: its plain choice.
+    order, new_counts = ref.with_successors(chosen, counts, num_blocks, torch.tensor([4, 5]))
+    assert new_counts.tolist() == [3, 4]
+    assert order[0, :3].tolist() == [0, 3, 9] and order[1].tolist() == [0, 1, 4, 5]

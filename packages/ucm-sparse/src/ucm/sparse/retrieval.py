@@ -36,11 +36,6 @@ from ucm.sparse.config import SparseConfig
 from ucm.sparse.kernels import reference
 
 
-def _widen(indices: torch.Tensor, width: int) -> torch.Tensor:
-    """``indices [rows, n]`` padded with zeros (a valid position, past every row's count) to ``width`` columns."""
-    return torch.nn.functional.pad(indices, (0, width - indices.shape[1]), value=0)
-
-
 @dataclass
 class _Choice:
     blocks: torch.Tensor  # physical blocks kept in order, the block being written last (with a pool: re-ranked)
@@ -211,10 +206,8 @@ class BlockRetrieval(UcmSparseBase, ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and choose for ``rows`` (``counts`` blocks each): their physical blocks in order,
         ``[rows, at least the largest count chosen]`` (with ``successors``, each chosen block's next
-        block too, up to twice as wide),
-        and how many of each row's are chosen. With ``limits``, a row whose blocks and successors
-        would be more than its limit reads its choice without successors (only when the budget is
-        the two windows, and the sink's successor would be one block too many)."""
+        block too, up to twice as wide), and how many of each row's are chosen. ``limits``: as for
+        ``reference.with_successors`` (only a budget of just the two windows needs it)."""
         tokens = self.block_tokens
         sink, recent = self.config.windows(tokens)
         width = int(counts.max())
@@ -227,14 +220,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
         scores = reference.attention_share(self.logits(query[rows], state.summaries, safe, scale), candidates)
         chosen, chosen_counts = reference.select_blocks(scores, seq_lens[rows], tokens, sink, recent, budgets)
         if successors:
-            plain, plain_counts = chosen, chosen_counts
-            chosen, chosen_counts = reference.with_successors(chosen, chosen_counts, counts)
-            if limits is not None:
-                over = chosen_counts > limits
-                if bool(over.any()):
-                    wide = max(chosen.shape[1], plain.shape[1])
-                    chosen = torch.where(over[:, None], _widen(plain, wide), _widen(chosen, wide))
-                    chosen_counts = torch.where(over, plain_counts, chosen_counts)
+            chosen, chosen_counts = reference.with_successors(chosen, chosen_counts, counts, limits)
         return torch.gather(tables, 1, chosen), chosen_counts
 
     def _retrieve(
@@ -312,7 +298,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
         tokens = self.block_tokens
         lens = seq_lens.long()
         num_blocks = (lens + tokens - 1) // tokens
-        config = self.config  # the one budget rule, per sequence
+        config = self.config  # the one budget and scan rule, per sequence
         budgets = torch.tensor([config.budget_blocks(n, tokens) for n in num_blocks.tolist()], device=num_blocks.device)
         rows = (budgets < num_blocks).nonzero().flatten()
         if rows.numel() == 0:
@@ -332,7 +318,7 @@ class BlockRetrieval(UcmSparseBase, ABC):
             limits=budgets[rows] if config.successors else None,
         )
         out_tables = block_tables.clone()
-        # Slots past a row's count hold any valid block: never read, the new length ends before them.
+        # Slots past a row's count repeat its last block: never read, the new length ends before them.
         out_tables[rows, : physical.shape[1]] = physical.to(block_tables.dtype)
         tail = lens[rows] - (counts - 1) * tokens
         out_lens = seq_lens.clone()

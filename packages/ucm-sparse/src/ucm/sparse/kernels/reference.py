@@ -178,7 +178,7 @@ def select_blocks(
 
 
 def with_successors(
-    chosen: torch.Tensor, counts: torch.Tensor, num_blocks: torch.Tensor
+    chosen: torch.Tensor, counts: torch.Tensor, num_blocks: torch.Tensor, limits: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add to each sequence's chosen blocks the block after each of them (within the sequence).
 
@@ -186,16 +186,21 @@ def with_successors(
     :func:`select_blocks` returns them); ``num_blocks``: blocks per sequence. Returns the same
     form: ascending, padded with the last block, and the new counts. Text that a block starts
     often goes on in the next one (a line, a number, a name), which a later query then needs.
+    With ``limits`` (blocks per sequence), a sequence whose blocks and successors would be more
+    than its limit keeps its choice without successors.
     """
     batch, take = chosen.shape
     width = max(int(num_blocks.max()) if batch else 0, 1)
     valid = torch.arange(take, device=chosen.device)[None, :] < counts[:, None]
     mask = torch.zeros((batch, width + 1), dtype=torch.bool, device=chosen.device)
     mask.scatter_(1, torch.where(valid, chosen.long(), width), True)  # padding lands in the spare column
-    mask = mask[:, :width]
+    plain = mask[:, :width]
     position = torch.arange(width, device=chosen.device)[None, :]
-    mask[:, 1:] |= mask[:, :-1].clone()
+    mask = plain.clone()
+    mask[:, 1:] |= plain[:, :-1]
     mask &= position < num_blocks[:, None]
+    if limits is not None:
+        mask = torch.where((mask.sum(dim=1) > limits)[:, None], plain, mask)
     new_counts = mask.sum(dim=1)
     wide = int(new_counts.max()) if batch else 0
     order = torch.where(mask, position, width).sort(dim=1).values[:, :wide]

@@ -298,15 +298,13 @@ if triton is not None:
         t_ok = t[:, None] < BT
         out_row = blk if INDEXED else i.to(tl.int64)
         dest = OUT + out_row * s_ob + h * s_oh + d * s_od
+        k = tl.load(K + blk * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=t_ok, other=0.0)
+        k = k.to(tl.float32)
         if BOUNDS:
-            k = tl.load(K + blk * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=t_ok, other=0.0)
-            k = k.to(tl.float32)
             tl.store(dest, tl.min(tl.where(t_ok, k, float("inf")), 0).to(OUT.dtype.element_ty))
             tl.store(dest + s_o2, tl.max(tl.where(t_ok, k, float("-inf")), 0).to(OUT.dtype.element_ty))
         else:
-            k = tl.load(K + blk * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=t_ok, other=0.0)
-            mean = tl.sum(k.to(tl.float32), 0) / BT
-            tl.store(dest, mean.to(OUT.dtype.element_ty))
+            tl.store(dest, (tl.sum(k, 0) / BT).to(OUT.dtype.element_ty))
 
     @triton.jit
     def _score_logits_kernel(
@@ -475,10 +473,9 @@ if triton is not None:
     ):
         """One sequence: the k-th best middle score by radix select (up to 32 / DIGIT_BITS passes of
         digit histograms, fewer once the k-th key's bin is taken whole; a row of up to CHUNK
-        blocks is read once), then sink, recent and the best
-        ``k_mid`` middle blocks (with SUCCESSORS, and the block after each chosen one) compacted in
-        ascending order into the sparse table, the rest of its ``out_width`` slots padded with the
-        last block; the length."""
+        blocks is read once), then sink, recent and the best ``k_mid`` middle blocks (with
+        SUCCESSORS, and the block after each chosen one) compacted in ascending order into the
+        sparse table, the rest of its ``out_width`` slots padded with the last block; the length."""
         b = tl.program_id(0)
         seq_len = tl.load(LENS + b).to(tl.int32)
         num_blocks = tl.cdiv(seq_len, BT)
@@ -934,7 +931,6 @@ def select_and_build(
             f"{tuple(scores.shape)}"
         )
     _check_windows(block_tokens, sink_blocks, recent_blocks)
-    chunk = min(8192, max(1024, _pow2(width)))
     if digit_bits not in (1, 2, 4, 8):
         _fail(f"digit_bits must be 1, 2, 4 or 8, got {digit_bits}")
     _check_device("scores", scores, scores.device)
@@ -961,6 +957,7 @@ def select_and_build(
     lens = torch.empty((batch,), device=scores.device, dtype=seq_lens.dtype)
     if batch == 0 or take == 0:
         return table, lens
+    chunk = min(8192, max(1024, _pow2(width)))
     _select_kernel[(batch,)](
         scores,
         block_tables,
