@@ -76,7 +76,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     """Store roots by name; each starts absent (the store creates it)."""
     base = tmp_path_factory.mktemp("stores")
     names = ["s32", "s128", "chunk32-by-block128", "producer", "empty", "module-path"]
-    names += DAMAGED + ["sync", "staged"]
+    names += DAMAGED + ["sync", "staged", "corrupt-concurrent"]
     return {name: base / name for name in names}
 
 
@@ -85,11 +85,11 @@ COLD32_PHASES = [
     ct.phase("short", ct.SHORT),
     ct.phase("single", ct.SINGLE),
     ct.phase("doc", [ct.DOC_QUESTION]),
-    ct.phase("concurrent", ct.CONCURRENT),
+    ct.phase("concurrent", ct.CONCURRENT, together=True),
     ct.phase("long", ct.LONG),
 ]
 WARM32_PHASES = [p if p["name"] != "doc" else ct.phase("doc", [ct.DOC_OTHER_QUESTION]) for p in COLD32_PHASES]
-BLOCK128_PHASES = [ct.phase("single", ct.SINGLE), ct.phase("concurrent", ct.CONCURRENT)]
+BLOCK128_PHASES = [ct.phase("single", ct.SINGLE), ct.phase("concurrent", ct.CONCURRENT, together=True)]
 SINGLE_PHASE = [ct.phase("single", ct.SINGLE)]
 
 
@@ -123,6 +123,10 @@ def second_run(tiny_model, stores, first_run, redis_server, tmp_path_factory) ->
             ct.corrupt(path)
     for path in ct.block_files(stores["corrupt-all"]):
         ct.corrupt(path)
+    # The cold block-32 engine's store (every phase's chunks), every other block file damaged.
+    shutil.copytree(stores["s32"], stores["corrupt-concurrent"])
+    for path in ct.block_files(stores["corrupt-concurrent"])[::2]:
+        ct.corrupt(path)
     for path in ct.block_files(stores["wiped-half"])[::2]:
         path.unlink()
     for path in ct.block_files(stores["unreadable"]):
@@ -149,6 +153,14 @@ def second_run(tiny_model, stores, first_run, redis_server, tmp_path_factory) ->
         ),
         ct.engine("corrupt-half", m, 32, SINGLE_PHASE, stores["corrupt-half"]),
         ct.engine("corrupt-half-sync", m, 32, SINGLE_PHASE, stores["corrupt-half-sync"], load_async=False),
+        # Requests admitted together, loading at once, some of their chunks damaged.
+        ct.engine(
+            "corrupt-concurrent",
+            m,
+            32,
+            [ct.phase("concurrent", ct.CONCURRENT, together=True)],
+            stores["corrupt-concurrent"],
+        ),
         ct.engine("corrupt-all", m, 32, SINGLE_PHASE, stores["corrupt-all"]),
         ct.engine("unreadable", m, 32, SINGLE_PHASE, stores["unreadable"]),
         ct.engine("truncated-race", m, 32, SINGLE_PHASE, stores["truncated-race"], sabotage="truncate"),

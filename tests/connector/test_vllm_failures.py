@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from connectortest import (
+    CONCURRENT,
     HITS,
     LOAD_FAILURES,
     LOADED,
@@ -26,6 +27,15 @@ def test_corrupted_blocks_are_recomputed(first_run, second_run, engine):
     assert run.metric("single", LOAD_FAILURES) > 0
     assert run.metric("single", LOADED) > 0
     assert run.metric("single", LOADED) + run.metric("single", LOAD_FAILURES) == FULL_HIT // 32
+
+
+def test_corrupted_blocks_of_requests_loading_together(first_run, second_run):
+    """Requests sharing a prefix, admitted in one batch, each find damaged chunks among good ones."""
+    run = EngineResult(second_run["corrupt-concurrent"])
+    assert_same_outputs(run, EngineResult(first_run["base32"]), "concurrent")
+    assert run.metric("concurrent", HITS) == sum(loadable(p, 32) for p in CONCURRENT)
+    assert run.metric("concurrent", LOAD_FAILURES) > 0
+    assert run.metric("concurrent", LOADED) > 0
 
 
 @pytest.mark.parametrize(

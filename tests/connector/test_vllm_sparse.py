@@ -18,7 +18,7 @@ from connectortest import HITS, EngineResult, assert_same_outputs, engine, phase
 # while the others' prefill chunks run beside them (max_num_batched_tokens 256).
 LONG_PROMPTS = [tokens(700, 500), tokens(1000, 501)]
 SHORT_PROMPT = tokens(90, 502)
-PHASES = [{**phase("decode", LONG_PROMPTS + [SHORT_PROMPT]), "max_tokens": 24}]
+PHASES = [{**phase("decode", LONG_PROMPTS + [SHORT_PROMPT], together=True), "max_tokens": 24}]
 # Stride 1 (the default: a choice every step, all sequences at once) for block_mean and the probe;
 # stride 4 (choices kept per sequence) for the other two; stride 4 with a pool of twice the budget's
 # middle blocks, re-ranked every step, for block_mean and the probe again; and stride 4 with
