@@ -205,6 +205,10 @@ def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
 # -- the machine ----------------------------------------------------------------------------
 
 
@@ -473,7 +477,7 @@ class _Engine:
     def _timed(self, prompt: list[int]) -> tuple[float, Any]:
         # Every timed request finds the engine idle, as requests sent one at a time do: a load and its FLOOR
         # then start from the same state (back to back, a repeat would find the CPU's threads and caches warm
-        # and run about 10 ms faster than after a pause on this machine).
+        # and could run up to 25 ms faster than after a pause on this machine).
         time.sleep(IDLE_BEFORE_REQUEST_S)
         started = time.perf_counter()
         output = self._generate([prompt], 1)[0]
@@ -1060,8 +1064,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
     ucm_costs, ex_costs = costs(ucm_loads), costs(ex_loads)
     ucm_mean, ex_mean = mean(ucm_costs), mean(ex_costs)
     overhead_bounds = ratio_interval(ucm_costs, ex_costs)
-    ucm_median = statistics.median(ucm_costs) if ucm_costs else math.nan
-    ex_median = statistics.median(ex_costs) if ex_costs else math.nan
+    ucm_median, ex_median = median(ucm_costs), median(ex_costs)
     ucm_first_paired = mean([c for c, s in zip(ucm_costs, ucm_loads, strict=True) if s["first"]])
     ex_first_paired = mean([c for c, s in zip(ex_costs, ex_loads, strict=True) if s["first"]])
     ucm_first, ex_first = overhead(ucm_warm), overhead(ex_warm)
@@ -1090,7 +1093,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                     name,
                     len(c),
                     seconds(mean(c)),
-                    seconds(statistics.median(c) if c else math.nan),
+                    seconds(median(c)),
                     seconds(percentile(c, 0.9)),
                     seconds(fp),
                     seconds(fo),
@@ -1134,6 +1137,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         return costs
 
     fresh = {"ucm": fresh_costs("ucm", ucm_warm), "example": fresh_costs("example", ex_warm)}
+    fresh_ratio = ratio(mean(fresh["ucm"]), mean(fresh["example"]))
     fresh_bounds = ratio_interval(fresh["ucm"], fresh["example"])
     out += [
         "### Loads in fresh engine processes: each document's first sight (s)",
@@ -1147,23 +1151,15 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         table(
             ["", "loads", "mean", "median", "p90"],
             [
-                [
-                    name,
-                    len(c),
-                    seconds(mean(c)),
-                    seconds(statistics.median(c) if c else math.nan),
-                    seconds(percentile(c, 0.9)),
-                ]
+                [name, len(c), seconds(mean(c)), seconds(median(c)), seconds(percentile(c, 0.9))]
                 for name, c in (("UcmConnector", fresh["ucm"]), ("ExampleConnector", fresh["example"]))
             ]
             + [
                 [
                     "ratio UCM / Example",
                     "",
-                    f"{times(ratio(mean(fresh['ucm']), mean(fresh['example'])))} ({interval(fresh_bounds)})",
-                    times(ratio(statistics.median(fresh["ucm"]), statistics.median(fresh["example"])))
-                    if fresh["ucm"] and fresh["example"]
-                    else "n/a",
+                    f"{times(fresh_ratio)} ({interval(fresh_bounds)})",
+                    times(ratio(median(fresh["ucm"]), median(fresh["example"]))),
                     "",
                 ]
             ],
@@ -1190,7 +1186,6 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
     tput_change = ratio(tput_ucm, tput_none) - 1
     overhead_ratio = ratio(ucm_mean, ex_mean)
     cost_all, cost_first = cold_cost(), cold_cost(first_sight)
-    fresh_ratio = ratio(mean(fresh["ucm"]), mean(fresh["example"]))
     within = f"<= {TARGET_OVERHEAD_RATIO}x"
     checks = [
         [
@@ -1334,8 +1329,7 @@ def prepare_model(settings: Settings) -> tuple[str, str]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import models
 
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(cache, "ucm", "bench-models", settings.size)
+    path = models.cache_dir(settings.size)
     progress(f"building the '{settings.size}' random-weight model (skipped when already built) in {path}")
     # The tokenizer trainer writes progress to file descriptor 1; keep stdout for the report.
     sys.stdout.flush()

@@ -44,6 +44,12 @@ def make_text(rng: random.Random, words: list[str], count: int) -> str:
     return " ".join(out)
 
 
+def cache_dir(size: str) -> str:
+    """Where the benchmarks keep the ``size`` model they build: under the user's cache directory."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "ucm", "bench-models", size)
+
+
 def build(path: str, size: str = "tiny", seed: int = 0) -> str:
     """Write a model and tokenizer to ``path`` (skipped when an identical build is there); return ``path``."""
     stamp = os.path.join(path, "ucm-model.json")

@@ -116,8 +116,7 @@ def main() -> int:
 
     import models
 
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    model = os.path.join(cache, "ucm", "bench-models", size)
+    model = models.cache_dir(size)
     progress(f"building the '{size}' random-weight model (skipped when already built) in {model}")
     sys.stdout.flush()
     saved = os.dup(1)

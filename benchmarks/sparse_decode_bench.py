@@ -128,9 +128,9 @@ def main() -> None:
         return
     if args.model is None:
         sys.path.insert(0, str(HERE))
-        from models import build
+        from models import build, cache_dir
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ucm" / "bench-models" / "small"
+        cache = Path(cache_dir("small"))
         args.model = str(cache) if (cache / "config.json").exists() else build(str(cache), "small")
 
     started = datetime.now(UTC)

@@ -10,8 +10,8 @@ store links one to the next. An engine:
     absent (no connector) or ``{"kv_role", "extra_config", "module_path", "failure_policy"}``.
 ``phases``
     ``[{"name", "prompts": [[token ids]], "max_tokens", "logprobs", "together"}]``, in order, greedy
-    sampling. ``together`` (default true): one ``generate`` call for all the prompts (they share
-    engine steps); false: one call per prompt, so a prompt's engine steps hold that prompt alone.
+    sampling. ``together``: one ``generate`` call for all the prompts (they share engine steps);
+    false: one call per prompt, so a prompt's engine steps hold that prompt alone.
 ``store_root``
     its block files are counted after each phase.
 ``sabotage``
@@ -173,7 +173,7 @@ def run_engine(spec: dict, results) -> dict:
         for phase in spec["phases"]:
             params = SamplingParams(temperature=0.0, max_tokens=phase["max_tokens"], logprobs=phase["logprobs"])
             prompts = [{"prompt_token_ids": p} for p in phase["prompts"]]
-            if phase.get("together", True):
+            if phase["together"]:
                 outputs = llm.generate(prompts, params, use_tqdm=False)
             else:
                 outputs = [out for prompt in prompts for out in llm.generate([prompt], params, use_tqdm=False)]
