@@ -125,3 +125,14 @@ def test_engines_with_different_block_sizes_share_chunks(first_run, second_run):
     assert_same_outputs(reader, EngineResult(first_run["base32"]), "single")
     assert writer.files_at_exit == distinct_chunks(SINGLE, 32)
     assert_loaded_every_full_chunk(reader, "single", SINGLE, 32)
+
+
+def test_chunks_smaller_than_a_block_load_into_the_last_partial_block(first_run, second_run):
+    """With 32-token chunks a block-128 engine also loads the full chunks of each prompt's last, partial
+    block, which vLLM's own prefix cache (whole blocks only) recomputes, and the outputs do not change."""
+    run = EngineResult(second_run["warm128-chunk32"])
+    assert_same_outputs(run, EngineResult(first_run["base128"]), "single")
+    assert_loaded_every_full_chunk(run, "single", SINGLE, 32)
+    whole_blocks = [loadable(p, 128) for p in SINGLE]
+    partial = [c for c, w in zip(run.cached("single"), whole_blocks, strict=True) if c > w]
+    assert len(partial) >= 4, f"tokens served per prompt {run.cached('single')}, whole blocks only {whole_blocks}"
