@@ -67,7 +67,7 @@ ENGINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-BLOCK_TOKENS = 128  # vLLM's CPU default; used only to size the KV cache
+BLOCK_TOKENS = 128  # vLLM's CPU default; sizes the KV cache and tells the report what a chunk setting means
 ENGINE_OVERHEAD_BYTES = 2 * GIB  # an engine process's memory besides weights and KV cache (rough)
 IDLE_BEFORE_REQUEST_S = 0.5  # pause before every timed request (see _Engine._timed)
 SETTLE_S = 1.0  # pause between two ways' turns, so one's background writes do not slow the other
@@ -139,6 +139,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="more UcmConnector settings (kv_connector_extra_config keys), as JSON: '{\"load_async\": false}'",
     )
     args = parser.parse_args(argv)
+    if not isinstance(args.ucm_config, dict):
+        parser.error(f"--ucm-config must be a JSON object of settings, got {args.ucm_config!r}")
     quick = args.quick
     settings = Settings(
         model=args.model,
@@ -203,6 +205,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
+
+
+def mean_known(values: Sequence[float]) -> float:
+    """Mean of the values that were measured (NaN marks one that could not be)."""
+    return mean([value for value in values if not math.isnan(value)])
 
 
 def median(values: Sequence[float]) -> float:
@@ -383,6 +390,11 @@ def _engine_process(conn: Any, log_path: str) -> None:
         conn.send(("ok", result))
         if command == "shutdown":
             return
+
+
+def mib_text(value: float) -> str:
+    """A MiB figure with one decimal, or n/a where nothing was measured."""
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
 
 
 def disk_read_kib() -> float:
@@ -1145,32 +1157,24 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         "",
     ]
 
-    def fresh_costs(way: str, warm: Pass) -> list[float]:
+    def fresh_rows(way: str, warm: Pass) -> list[dict[str, Any]]:
         """Loads in fresh engine processes: each document's first sight in the warm pass and in every extra fresh
-        process, each against its repeat in the same process."""
-        costs = [warm.rows[i]["ttft"] - warm.rows[i]["floor_ttft"] for i in first_sight] if ok(warm) else []
-        for r in range(settings.fresh):
-            extra = passes.get(f"{way}-fresh-{r + 1}")
-            if extra is not None and not extra.error and len(extra.rows) == len(first_sight):
-                costs += [row["ttft"] - row["floor_ttft"] for row in extra.rows]
-        return costs
-
-    def fresh_disk(way: str, warm: Pass) -> list[float]:
-        """MiB read from the disk during each of those loads (in the order of ``fresh_costs``)."""
+        process, each with its repeat in the same process."""
         rows = [warm.rows[i] for i in first_sight] if ok(warm) else []
         for r in range(settings.fresh):
             extra = passes.get(f"{way}-fresh-{r + 1}")
             if extra is not None and not extra.error and len(extra.rows) == len(first_sight):
                 rows += extra.rows
-        return [row.get("disk_mib", math.nan) for row in rows]
+        return rows
 
     def reload_disk(warm: Pass) -> list[float]:
         if not ok(warm):
             return []
         return [pair.get("disk_mib", math.nan) for row in warm.rows for pair in row.get("reloads", [])]
 
-    fresh = {"ucm": fresh_costs("ucm", ucm_warm), "example": fresh_costs("example", ex_warm)}
-    disk = {"ucm": fresh_disk("ucm", ucm_warm), "example": fresh_disk("example", ex_warm)}
+    loads = {"ucm": fresh_rows("ucm", ucm_warm), "example": fresh_rows("example", ex_warm)}
+    fresh = {way: [row["ttft"] - row["floor_ttft"] for row in rows] for way, rows in loads.items()}
+    disk = {way: [row.get("disk_mib", math.nan) for row in rows] for way, rows in loads.items()}
     disk_reloads = {"ucm": reload_disk(ucm_warm), "example": reload_disk(ex_warm)}
     fresh_ratio = ratio(mean(fresh["ucm"]), mean(fresh["example"]))
     fresh_bounds = ratio_interval(fresh["ucm"], fresh["example"])
@@ -1192,7 +1196,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                     seconds(mean(fresh[way])),
                     seconds(median(fresh[way])),
                     seconds(percentile(fresh[way], 0.9)),
-                    f"{mean(disk[way]):.1f} ({mean(disk_reloads[way]):.1f})",
+                    f"{mib_text(mean_known(disk[way]))} ({mib_text(mean_known(disk_reloads[way]))})",
                 ]
                 for name, way in (("UcmConnector", "ucm"), ("ExampleConnector", "example"))
             ]
@@ -1210,8 +1214,8 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         "",
         "Read from disk: what the machine read from block devices during the load (`pgpgin`), i.e. the store's "
         "files no longer in the page cache; in brackets, the same for the warm pass's reloads, which read files "
-        "loaded moments before. Both connectors pay for what comes from the disk, so it narrows the gap between "
-        "their overheads in relative terms.",
+        "loaded moments before. What comes from the disk adds to both connectors' overheads and pulls their "
+        "ratio toward 1.",
         "",
     ]
 
@@ -1441,7 +1445,8 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         f"- workload: {settings.docs} documents x {settings.doc_tokens} tokens, {settings.questions} questions each; "
         f"prompt = document + question; TTFT = wall time of generate(max_tokens=1), one request at a time\n"
         f"- engines: one per process (uni executor), eager mode, prefix caching on, block size 128 (CPU default), "
-        f"stores in a local directory (reads come from the OS page cache)",
+        f"stores in a local directory (reads come from the OS page cache, or from the disk for what it no longer "
+        "holds: see the fresh-process table)",
         flush=True,
     )
     if not settings.model:

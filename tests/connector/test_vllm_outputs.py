@@ -132,7 +132,7 @@ def test_chunks_smaller_than_a_block_load_into_the_last_partial_block(first_run,
     block, which vLLM's own prefix cache (whole blocks only) recomputes, and the outputs do not change."""
     run = EngineResult(second_run["warm128-chunk32"])
     assert_same_outputs(run, EngineResult(first_run["base128"]), "single")
+    # Every whole 32-token chunk was served, so every prompt whose last block is partial got more
+    # than vLLM's own prefix cache (whole blocks only) could give it.
     assert_loaded_every_full_chunk(run, "single", SINGLE, 32)
-    whole_blocks = [loadable(p, 128) for p in SINGLE]
-    partial = [c for c, w in zip(run.cached("single"), whole_blocks, strict=True) if c > w]
-    assert len(partial) >= 4, f"tokens served per prompt {run.cached('single')}, whole blocks only {whole_blocks}"
+    assert any(loadable(p, 32) > loadable(p, 128) for p in SINGLE), "the prompts must end in partial blocks"
