@@ -189,7 +189,8 @@ def percent(value: float | None) -> str:
 
 
 def mib(count: float | None) -> str:
-    return "n/a" if count is None else f"{count / MIB:.1f} MiB"
+    """Bytes as MiB with one decimal; n/a where nothing was counted (None or NaN)."""
+    return "n/a" if count is None or math.isnan(count) else f"{count / MIB:.1f} MiB"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -205,11 +206,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
-
-
-def mean_known(values: Sequence[float]) -> float:
-    """Mean of the values that were measured (NaN marks one that could not be)."""
-    return mean([value for value in values if not math.isnan(value)])
 
 
 def median(values: Sequence[float]) -> float:
@@ -392,11 +388,6 @@ def _engine_process(conn: Any, log_path: str) -> None:
             return
 
 
-def mib_text(value: float) -> str:
-    """A MiB figure with one decimal, or n/a where nothing was measured."""
-    return "n/a" if math.isnan(value) else f"{value:.1f}"
-
-
 def disk_read_kib() -> float:
     """KiB the machine has read from block devices since boot (``pgpgin``; NaN where unavailable)."""
     try:
@@ -444,7 +435,7 @@ class _Engine:
         self.spec = spec
         self.files_read = 0
         self.bytes_read = 0
-        self.last_disk_mib = math.nan  # MiB read from disk during the last timed request
+        self.last_disk_bytes = math.nan  # read from disk during the last timed request
         transfer = None
         if spec.connector == "ucm":
             transfer = KVTransferConfig(
@@ -509,7 +500,7 @@ class _Engine:
         output = self._generate([prompt], 1)[0]
         elapsed = time.perf_counter() - started
         # What had to come from the disk: store files no longer in the page cache (machine-wide count).
-        self.last_disk_mib = (disk_read_kib() - disk) / 1024
+        self.last_disk_bytes = (disk_read_kib() - disk) * 1024
         return elapsed, output
 
     def reload_pairs(self, conn: Any, prompt: list[int], count: int) -> list[dict[str, float]]:
@@ -521,7 +512,7 @@ class _Engine:
                 raise RuntimeError("vLLM refused to reset its prefix cache")
             before, others = self.counters(conn), ForeignCpu()
             load_s, _ = self._timed(prompt)
-            disk_mib = self.last_disk_mib
+            disk_bytes = self.last_disk_bytes
             after = self.counters(conn)
             floor_s, _ = self._timed(prompt)
             pairs.append(
@@ -530,7 +521,7 @@ class _Engine:
                     "floor_ttft": floor_s,
                     "foreign_cpu": others.cores(),
                     "hit_tokens": after.get(HITS, 0) - before.get(HITS, 0),
-                    "disk_mib": disk_mib,
+                    "disk_bytes": disk_bytes,
                 }
             )
         return pairs
@@ -547,7 +538,7 @@ class _Engine:
             before = self.counters(conn)
             others = ForeignCpu()
             elapsed, output = self._timed(prompt)
-            row: dict[str, Any] = {"ttft": elapsed, "foreign_cpu": others.cores(), "disk_mib": self.last_disk_mib}
+            row: dict[str, Any] = {"ttft": elapsed, "foreign_cpu": others.cores(), "disk_bytes": self.last_disk_bytes}
             row["token"], row["logprob"] = self._first(output)
             # This request's share of the counters: its repeats below would add queries without hits.
             after = self.counters(conn)
@@ -1167,15 +1158,13 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                 rows += extra.rows
         return rows
 
-    def reload_disk(warm: Pass) -> list[float]:
-        if not ok(warm):
-            return []
-        return [pair.get("disk_mib", math.nan) for row in warm.rows for pair in row.get("reloads", [])]
-
-    loads = {"ucm": fresh_rows("ucm", ucm_warm), "example": fresh_rows("example", ex_warm)}
-    fresh = {way: [row["ttft"] - row["floor_ttft"] for row in rows] for way, rows in loads.items()}
-    disk = {way: [row.get("disk_mib", math.nan) for row in rows] for way, rows in loads.items()}
-    disk_reloads = {"ucm": reload_disk(ucm_warm), "example": reload_disk(ex_warm)}
+    fresh_loads = {"ucm": fresh_rows("ucm", ucm_warm), "example": fresh_rows("example", ex_warm)}
+    fresh = {way: [row["ttft"] - row["floor_ttft"] for row in rows] for way, rows in fresh_loads.items()}
+    disk = {way: [row.get("disk_bytes", math.nan) for row in rows] for way, rows in fresh_loads.items()}
+    disk_reloads = {
+        way: [s.get("disk_bytes", math.nan) for s in samples if not s["first"]]
+        for way, samples in (("ucm", ucm_loads), ("example", ex_loads))
+    }
     fresh_ratio = ratio(mean(fresh["ucm"]), mean(fresh["example"]))
     fresh_bounds = ratio_interval(fresh["ucm"], fresh["example"])
     out += [
@@ -1188,7 +1177,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         "from processes that have loaded before.",
         "",
         table(
-            ["", "loads", "mean", "median", "p90", "read from disk per load, MiB (reloads)"],
+            ["", "loads", "mean", "median", "p90", "read from disk per load (reloads)"],
             [
                 [
                     name,
@@ -1196,7 +1185,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                     seconds(mean(fresh[way])),
                     seconds(median(fresh[way])),
                     seconds(percentile(fresh[way], 0.9)),
-                    f"{mib_text(mean_known(disk[way]))} ({mib_text(mean_known(disk_reloads[way]))})",
+                    f"{mib(mean(disk[way]))} ({mib(mean(disk_reloads[way]))})",
                 ]
                 for name, way in (("UcmConnector", "ucm"), ("ExampleConnector", "example"))
             ]
@@ -1444,9 +1433,9 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         f"- model: {model_name}: {workload.model_info}\n"
         f"- workload: {settings.docs} documents x {settings.doc_tokens} tokens, {settings.questions} questions each; "
         f"prompt = document + question; TTFT = wall time of generate(max_tokens=1), one request at a time\n"
-        f"- engines: one per process (uni executor), eager mode, prefix caching on, block size 128 (CPU default), "
-        f"stores in a local directory (reads come from the OS page cache, or from the disk for what it no longer "
-        "holds: see the fresh-process table)",
+        f"- engines: one per process (uni executor), eager mode, prefix caching on, "
+        f"block size {BLOCK_TOKENS} (CPU default), stores in a local directory (reads come from the OS page "
+        "cache, or from the disk for what it no longer holds: see the fresh-process table)",
         flush=True,
     )
     if not settings.model:
