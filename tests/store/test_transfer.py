@@ -21,18 +21,18 @@ from ucm.store.transfer import PagedGeometry, gather_chunks, paged_target, scatt
 LAYERS, BLOCKS, HEADS, TOKENS, DIM = 3, 7, 2, 32, 16
 
 
-def make_cache(layout: str, dtype, seed: int | None):
+def make_cache(layout: str, dtype, seed: int | None, tokens: int = TOKENS):
     """Per layer: (backing array, K view, V view); views are [blocks, heads, tokens, dim]."""
     rng = np.random.default_rng(seed)
     layers = []
     for _ in range(LAYERS):
         if layout == "cpu":
-            backing = np.zeros((BLOCKS, HEADS, TOKENS, 2 * DIM), dtype)
-            flat = backing.reshape(BLOCKS, HEADS, 2 * TOKENS * DIM)
-            key = flat[:, :, : TOKENS * DIM].reshape(BLOCKS, HEADS, DIM, TOKENS).transpose(0, 1, 3, 2)
-            value = flat[:, :, TOKENS * DIM :].reshape(BLOCKS, HEADS, TOKENS, DIM)
+            backing = np.zeros((BLOCKS, HEADS, tokens, 2 * DIM), dtype)
+            flat = backing.reshape(BLOCKS, HEADS, 2 * tokens * DIM)
+            key = flat[:, :, : tokens * DIM].reshape(BLOCKS, HEADS, DIM, tokens).transpose(0, 1, 3, 2)
+            value = flat[:, :, tokens * DIM :].reshape(BLOCKS, HEADS, tokens, DIM)
         else:
-            backing = np.zeros((2, BLOCKS, TOKENS, HEADS, DIM), dtype)
+            backing = np.zeros((2, BLOCKS, tokens, HEADS, DIM), dtype)
             key, value = backing[0].transpose(0, 2, 1, 3), backing[1].transpose(0, 2, 1, 3)
         if seed is not None:
             backing[...] = rng.standard_normal(backing.shape).astype(dtype)
@@ -77,24 +77,26 @@ def assert_moved_exactly(source, target, blocks, offsets, chunk, skip=()):
 
 
 CASES = [
-    # (layout, dtype, chunk): 16-bit elements with chunks of 8k tokens take the vector transpose.
-    ("cpu", np.float16, 8),
-    ("cpu", np.float16, 32),
-    ("cpu", np.float16, 4),
-    ("cpu", np.float32, 8),
-    ("flash", np.float16, 8),
-    ("flash", np.float32, 32),
+    # (layout, dtype, chunk, block tokens): 16-bit elements with chunks of 8k tokens take the
+    # vector transpose, which writes K into the cache in bands of at most 256 tokens.
+    ("cpu", np.float16, 8, TOKENS),
+    ("cpu", np.float16, 32, TOKENS),
+    ("cpu", np.float16, 4, TOKENS),
+    ("cpu", np.float16, 520, 1040),
+    ("cpu", np.float32, 8, TOKENS),
+    ("flash", np.float16, 8, TOKENS),
+    ("flash", np.float32, 32, TOKENS),
 ]
 
 
 @pytest.mark.parametrize("kind", ["posix", "redis"])
-@pytest.mark.parametrize(("layout", "dtype", "chunk"), CASES)
-def test_chunks_load_straight_into_another_cache(open_test_store, request, layout, dtype, chunk, kind):
+@pytest.mark.parametrize(("layout", "dtype", "chunk", "tokens"), CASES)
+def test_chunks_load_straight_into_another_cache(open_test_store, request, layout, dtype, chunk, tokens, kind):
     if kind == "redis":
         request.getfixturevalue("redis_server")
-    source = make_cache(layout, dtype, seed=1)
+    source = make_cache(layout, dtype, seed=1, tokens=tokens)
     blocks = [5, 1, 3, 6]
-    offsets = [0, TOKENS - chunk, chunk * (TOKENS // chunk // 2), 0]
+    offsets = [0, tokens - chunk, chunk * (tokens // chunk // 2), 0]
     staging = np.zeros(len(blocks) * LAYERS * 2 * HEADS * chunk * DIM, dtype)
     gather_chunks(geometry(source, chunk), blocks, offsets, staging.ctypes.data)
     # Staging is [layers][K, V][chunks][heads][tokens][dim]; chunk i's stored bytes are its slices.
@@ -106,7 +108,7 @@ def test_chunks_load_straight_into_another_cache(open_test_store, request, layou
     ids = block_ids(len(blocks), f"{layout}-{chunk}")
     store.wait(store.dump(ids, [list(per_chunk[:, i]) for i in range(len(blocks))]))
 
-    target = make_cache(layout, dtype, seed=None)
+    target = make_cache(layout, dtype, seed=None, tokens=tokens)
     into = paged_target(geometry(target, chunk), blocks, offsets)
     assert len(into) == len(blocks) and into.chunk_bytes == per_chunk[:, 0].nbytes
     assert store.can_load_into
@@ -114,7 +116,7 @@ def test_chunks_load_straight_into_another_cache(open_test_store, request, layou
     assert_moved_exactly(source, target, blocks, offsets, chunk)
 
     # The staging path puts the same bytes in the same places.
-    staged = make_cache(layout, dtype, seed=None)
+    staged = make_cache(layout, dtype, seed=None, tokens=tokens)
     scatter_chunks(geometry(staged, chunk), blocks, offsets, staging.ctypes.data)
     for (a, _, _), (b, _, _) in zip(target, staged, strict=True):
         np.testing.assert_array_equal(a, b)
