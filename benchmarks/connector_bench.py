@@ -24,7 +24,7 @@ a small ``max_num_batched_tokens``) through both connectors, cold and warm, wher
 equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) a run takes about 5-6 minutes on 2 idle cores;
+(random weights, ~100M parameters, built offline) a run takes about 14 minutes on 2 idle cores;
 ``--quick`` (tiny model, short documents) is a smoke test of 2-3 minutes.
 """
 
@@ -101,8 +101,8 @@ class Settings:
     tput_max_tokens: int = 32
     repeats: int = 3
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
-    reloads: int = 10  # warm passes: loads again of each document's first prompt, each paired with its repeat
-    fresh: int = 4  # more fresh processes per connector, each loading every document's first prompt once
+    reloads: int = 6  # warm passes: loads again of each document's first prompt, each paired with its repeat
+    fresh: int = 8  # more fresh processes per connector, each loading every document's first prompt once
     dtype: str = "auto"
     markdown: str | None = None
     workdir: str | None = None
@@ -119,12 +119,14 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "--reloads",
         type=int,
-        help="warm passes: more loads of each document's first prompt, after emptying the prefix cache (default: 10)",
+        help="warm passes: more loads of each document's first prompt, after emptying the prefix cache "
+        "(default: 6; 2 with --quick)",
     )
     parser.add_argument(
         "--fresh",
         type=int,
-        help="more fresh warm processes per connector, each loading every document's first prompt once (default: 4)",
+        help="more fresh warm processes per connector, each loading every document's first prompt once "
+        "(default: 8; 2 with --quick)",
     )
     parser.add_argument("--dtype", default="auto", help="model dtype passed to vLLM (default: %(default)s)")
     parser.add_argument(
@@ -154,6 +156,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         workdir=args.workdir,
         ucm_config=args.ucm_config,
     )
+    if quick:
+        settings.reloads, settings.fresh = 2, 2
     if args.reloads is not None:
         settings.reloads = args.reloads
     if args.fresh is not None:
