@@ -39,20 +39,6 @@ inline void copy_into_cache(void* dst, const void* src, size_t size) {
     std::memcpy(dst, src, size);
 }
 
-// One row of a transposed tile into the cache: streaming stores when it is whole 16-byte
-// pieces on a 16-byte boundary (they fill its lines one after another), a plain copy otherwise.
-inline void copy_row_into_cache(void* dst, const void* src, size_t size) {
-#if defined(__SSE2__)
-    if (aligned16(dst) && size % 16 == 0) {
-        auto* out = static_cast<__m128i*>(dst);
-        const auto* in = static_cast<const __m128i*>(src);
-        for (size_t i = 0; i < size / 16; ++i) _mm_stream_si128(out + i, _mm_loadu_si128(in + i));
-        return;
-    }
-#endif
-    std::memcpy(dst, src, size);
-}
-
 inline void store_fence() {
 #if defined(__SSE2__)
     _mm_sfence();
@@ -60,6 +46,19 @@ inline void store_fence() {
 }
 
 #if defined(__SSE2__)
+// One row of a transposed tile into the cache: streaming stores when it is at least a cache
+// line of whole 16-byte pieces on a 16-byte boundary (they fill its lines one after another),
+// a plain copy otherwise.
+inline void copy_row_into_cache(void* dst, const void* src, size_t size) {
+    if (size >= 64 && size % 16 == 0 && aligned16(dst)) {
+        auto* out = static_cast<__m128i*>(dst);
+        const auto* in = static_cast<const __m128i*>(src);
+        for (size_t i = 0; i < size / 16; ++i) _mm_stream_si128(out + i, _mm_loadu_si128(in + i));
+        return;
+    }
+    std::memcpy(dst, src, size);
+}
+
 // out row d = column d of the 8 x 8 block of 16-bit elements at in (rows `in_stride` apart).
 inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out, int64_t out_stride) {
     __m128i r[8];
@@ -92,11 +91,12 @@ inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out, 
 // Transposed tiles of 16-bit elements (the common fp16/bf16 case) in 8 x 8 vector blocks;
 // returns false where that does not apply.
 //
-// Into the cache, a band of 8 cache rows (dims) is transposed into a small buffer that stays in
-// the L1 cache, and each row then goes out whole with streaming stores. Streaming 16-byte pieces
-// of 8 rows at once straight from the transpose leaves up to 32 cache lines partly written; the
-// CPU's few write-combining buffers then flush them piecemeal, which made that copy 3.5 times
-// slower than this one (a vLLM CPU cache, 93 MiB of bf16 chunks on 2 cores: 20.8 ms against 5.9).
+// Into the cache, a band of 8 cache rows (dims) by up to 256 tokens is transposed into a small
+// buffer that stays in the L1 cache, and each row of it then goes out in one run of streaming
+// stores. Streaming each 8 x 8 block straight from the transpose writes 16 bytes into each of 8
+// rows in turn, so 8 cache lines are being filled at once, each over 4 blocks; on the 2-core
+// machine of docs/benchmarks/connector.md that made the scatter into a vLLM-shaped CPU cache
+// 3 times slower than this one (93 MiB of bf16 chunks: 21 ms against 7, a plain copy 7).
 template <typename T>
 bool copy_transposed_fast(bool to_staging, T* cache, int64_t dim_stride, T* tile, size_t tokens, size_t dims) {
 #if defined(__SSE2__)

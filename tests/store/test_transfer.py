@@ -3,8 +3,8 @@
 A paged cache here is a numpy array per layer, laid out as vLLM lays out its CPU cache (per block
 and head, K transposed ``[dim, token]`` then V ``[token, dim]``) or its FlashAttention cache
 (``[2, blocks, tokens, heads, dim]``). Chunks are gathered out of one cache, dumped to a
-``posix`` store and loaded straight into another cache (``load_into``), or through a staging
-buffer with ``scatter_chunks``.
+``posix`` or ``redis`` store and loaded straight into another cache (``load_into``), or through a
+staging buffer with ``scatter_chunks``.
 """
 
 from __future__ import annotations
@@ -77,9 +77,12 @@ def assert_moved_exactly(source, target, blocks, offsets, chunk, skip=()):
 
 
 CASES = [
-    # (layout, dtype, chunk, block tokens): 16-bit elements with chunks of 8k tokens take the
-    # vector transpose, which writes K into the cache in bands of at most 256 tokens.
+    # (layout, dtype, chunk, block tokens): in the cpu layout, 16-bit elements with chunks of 8k
+    # tokens take the vector transpose, which writes K into the cache in bands of at most 256
+    # tokens, each row with streaming stores where it is 16-byte aligned and at least 64 bytes,
+    # with a plain copy elsewhere (36-token blocks: rows 72 bytes apart, some chunks 8 bytes in).
     ("cpu", np.float16, 8, TOKENS),
+    ("cpu", np.float16, 32, 36),
     ("cpu", np.float16, 32, TOKENS),
     ("cpu", np.float16, 4, TOKENS),
     ("cpu", np.float16, 520, 1040),
