@@ -77,7 +77,6 @@ ROW_COUNTERS = (
     "vllm:external_prefix_cache_queries",
     "vllm:external_prefix_cache_hits",
     "vllm:ucm_loaded_bytes",
-    "vllm:ucm_load_seconds",
     "example_bytes_read",
 )
 HITS = "vllm:external_prefix_cache_hits"
@@ -1170,12 +1169,6 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         way: [s.get("disk_bytes", math.nan) for s in samples if not s["first"]]
         for way, samples in (("ucm", ucm_loads), ("example", ex_loads))
     }
-    # UCM's own measure of its loads (submit to ready, in the store's threads); ExampleConnector reports none.
-    own_load = [
-        row["counters"]["vllm:ucm_load_seconds"]
-        for row in fresh_loads["ucm"]
-        if "vllm:ucm_load_seconds" in row.get("counters", {})
-    ]
     fresh_ratio = ratio(mean(fresh["ucm"]), mean(fresh["example"]))
     fresh_bounds = ratio_interval(fresh["ucm"], fresh["example"])
     out += [
@@ -1188,15 +1181,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         "from processes that have loaded before.",
         "",
         table(
-            [
-                "",
-                "loads",
-                "mean",
-                "median",
-                "p90",
-                "read from disk per load (reloads)",
-                "of which loading: mean (median)",
-            ],
+            ["", "loads", "mean", "median", "p90", "read from disk per load (reloads)"],
             [
                 [
                     name,
@@ -1205,7 +1190,6 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                     seconds(median(fresh[way])),
                     seconds(percentile(fresh[way], 0.9)),
                     f"{mib(mean(disk[way]))} ({mib(mean(disk_reloads[way]))})",
-                    f"{seconds(mean(own_load))} ({seconds(median(own_load))})" if way == "ucm" else "not reported",
                 ]
                 for name, way in (("UcmConnector", "ucm"), ("ExampleConnector", "example"))
             ]
@@ -1217,7 +1201,6 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                     times(ratio(median(fresh["ucm"]), median(fresh["example"]))),
                     "",
                     "",
-                    "",
                 ]
             ],
         ),
@@ -1225,9 +1208,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         "Read from disk: what the machine read from block devices during the load (`pgpgin`), i.e. the store's "
         "files no longer in the page cache; in brackets, the same for the warm pass's reloads, which read files "
         "loaded moments before. What comes from the disk adds to both connectors' overheads and pulls their "
-        "ratio toward 1. Of which loading: UCM's own count of its load time (`vllm:ucm_load_seconds`, from the "
-        "load's start to its end in the store's threads); the rest of its overhead is the engine's (the lookup, "
-        "the extra step of an asynchronous load) and the noise of single requests.",
+        "ratio toward 1.",
         "",
     ]
 
