@@ -14,6 +14,15 @@ namespace {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+#if defined(__SSE2__)
+// Streaming (non-temporal) copy of `size` bytes, whole 16-byte pieces, to a 16-byte aligned `dst`.
+inline void stream_copy(void* dst, const void* src, size_t size) {
+    auto* out = static_cast<__m128i*>(dst);
+    const auto* in = static_cast<const __m128i*>(src);
+    for (size_t i = 0; i < size / 16; ++i) _mm_stream_si128(out + i, _mm_loadu_si128(in + i));
+}
+#endif
+
 // Copies into the paged cache. Its lines are written whole and not read again before the next
 // forward pass, so streaming (non-temporal) stores skip reading each destination line first and
 // leave the CPU cache to the data being copied: a third less memory traffic than a plain copy.
@@ -21,18 +30,7 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 inline void copy_into_cache(void* dst, const void* src, size_t size) {
 #if defined(__SSE2__)
     if (size >= 256 && aligned16(dst) && size % 64 == 0) {
-        auto* out = static_cast<__m128i*>(dst);
-        const auto* in = static_cast<const __m128i*>(src);
-        for (size_t i = 0; i < size / 16; i += 4) {
-            __m128i a = _mm_loadu_si128(in + i);
-            __m128i b = _mm_loadu_si128(in + i + 1);
-            __m128i c = _mm_loadu_si128(in + i + 2);
-            __m128i d = _mm_loadu_si128(in + i + 3);
-            _mm_stream_si128(out + i, a);
-            _mm_stream_si128(out + i + 1, b);
-            _mm_stream_si128(out + i + 2, c);
-            _mm_stream_si128(out + i + 3, d);
-        }
+        stream_copy(dst, src, size);
         return;
     }
 #endif
@@ -51,9 +49,7 @@ inline void store_fence() {
 // a plain copy otherwise.
 inline void copy_row_into_cache(void* dst, const void* src, size_t size) {
     if (size >= 64 && size % 16 == 0 && aligned16(dst)) {
-        auto* out = static_cast<__m128i*>(dst);
-        const auto* in = static_cast<const __m128i*>(src);
-        for (size_t i = 0; i < size / 16; ++i) _mm_stream_si128(out + i, _mm_loadu_si128(in + i));
+        stream_copy(dst, src, size);
         return;
     }
     std::memcpy(dst, src, size);
