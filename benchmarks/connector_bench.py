@@ -268,8 +268,40 @@ class Workload:
     model_info: str
 
 
-def model_shape(path: str) -> tuple[int, str]:
-    """KV bytes per token and a one-line description, from the model's config.json."""
+def model_dtype(path: str) -> str:
+    """The dtype the model's config.json names (vLLM's ``auto``)."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config = config.get("text_config", config)
+    return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
+
+
+def cpu_computes(dtype: str) -> bool:
+    """Whether this CPU has native arithmetic for a 16-bit float ``dtype``. Without it (AVX2-only x86 CPUs
+    such as AMD Zen 3), torch falls back to a scalar matrix multiply that runs about 100x slower than float32:
+    an 8000-token prefill of the 'small' model would take minutes instead of seconds."""
+    import torch
+
+    if dtype in ("bfloat16", "bf16"):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype in ("float16", "half", "fp16"):
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def resolve_dtype(requested: str, model: str) -> tuple[str, str]:
+    """The dtype to run the model in, and why. ``auto`` is the model's own dtype where this CPU computes it
+    natively, float32 otherwise (the KV cache then holds float32 too, so every connector moves twice the bytes)."""
+    if requested != "auto":
+        return requested, "as asked (--dtype)"
+    own = model_dtype(model)
+    if cpu_computes(own):
+        return own, "the model's own"
+    return "float32", f"the model's is {own}, which this CPU has no native arithmetic for (--dtype {own} forces it)"
+
+
+def model_shape(path: str, dtype: str) -> tuple[int, str]:
+    """KV bytes per token in ``dtype`` and a one-line description, from the model's config.json."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     config = config.get("text_config", config)
@@ -277,7 +309,6 @@ def model_shape(path: str) -> tuple[int, str]:
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     dtype_bytes = 4 if "32" in dtype else 2
     per_token = layers * 2 * kv_heads * head_dim * dtype_bytes
     info = (
@@ -326,7 +357,7 @@ def build_workload(settings: Settings, model: str) -> Workload:
         ]
         for r in range(settings.repeats)
     ]
-    per_token, info = model_shape(model)
+    per_token, info = model_shape(model, settings.dtype)
     return Workload(prompts, new_questions, chunked, throughput, per_token, info)
 
 
@@ -1414,7 +1445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "also loads the whole chunks of each prompt's last, partial block, which vLLM's own prefix cache "
             "recomputes. Its repeats (the FLOOR beside each of its loads) are then partly served by it too, and "
             "its prompts compute fewer tokens than the no-connector runs they are compared with, so their "
-            "logprobs may differ by bf16 rounding (as vLLM's own prefix-cache hits differ from cold runs)."
+            "logprobs may differ by floating-point rounding (as vLLM's own prefix-cache hits differ from cold runs)."
         )
     print("\n".join(header), flush=True)
 
@@ -1431,24 +1462,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
     workdir = pool.workdir
     model, model_name = prepare_model(settings)
+    settings.dtype, why = resolve_dtype(settings.dtype, model)
     progress("tokenizing the workload")
     workload = build_workload(settings, model)
-    print(
-        f"- model: {model_name}: {workload.model_info}\n"
+    about = [
+        f"- model: {model_name}: {workload.model_info}",
+        f"- dtype: {settings.dtype}, {why}",
         f"- workload: {settings.docs} documents x {settings.doc_tokens} tokens, {settings.questions} questions each; "
-        f"prompt = document + question; TTFT = wall time of generate(max_tokens=1), one request at a time\n"
-        f"- engines: one per process (uni executor), eager mode, prefix caching on, "
-        f"block size {BLOCK_TOKENS} (CPU default), stores in a local directory (reads come from the OS page "
-        "cache, or from the disk for what it no longer holds: see the fresh-process table)",
-        flush=True,
-    )
+        "prompt = document + question; TTFT = wall time of generate(max_tokens=1), one request at a time",
+        f"- engines: one per process (uni executor), eager mode, prefix caching on, block size {BLOCK_TOKENS} "
+        "(CPU default), stores in a local directory (reads come from the OS page cache, or from the disk for what "
+        "it no longer holds: see the fresh-process table)",
+    ]
     if not settings.model:
-        print(
+        about.append(
             "- note: the model's weights are random, so the text it writes is meaningless; prefill cost, KV sizes, "
-            "timings and cache behaviour are real",
-            flush=True,
+            "timings and cache behaviour are real"
         )
-    print(flush=True)
+    print("\n".join(about) + "\n", flush=True)
+    header.extend(about)  # the markdown file gets them too
 
     bench = Bench(settings, model, workload, pool)
 

@@ -82,43 +82,68 @@ inline void transpose_8x8(const uint16_t* in, int64_t in_stride, uint16_t* out, 
                          _mm_unpackhi_epi64(b[i], b[4 + i]));
     }
 }
+
+// out row d = column d of the 4 x 4 block of 32-bit elements at in (rows `in_stride` apart).
+inline void transpose_4x4(const uint32_t* in, int64_t in_stride, uint32_t* out, int64_t out_stride) {
+    __m128i r[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * in_stride));
+    __m128i lo01 = _mm_unpacklo_epi32(r[0], r[1]);  // (0,0)(1,0)(0,1)(1,1)
+    __m128i hi01 = _mm_unpackhi_epi32(r[0], r[1]);  // (0,2)(1,2)(0,3)(1,3)
+    __m128i lo23 = _mm_unpacklo_epi32(r[2], r[3]);
+    __m128i hi23 = _mm_unpackhi_epi32(r[2], r[3]);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_unpacklo_epi64(lo01, lo23));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + out_stride), _mm_unpackhi_epi64(lo01, lo23));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * out_stride), _mm_unpacklo_epi64(hi01, hi23));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 3 * out_stride), _mm_unpackhi_epi64(hi01, hi23));
+}
+
+// The square block of one 16-byte vector per row: 8 x 8 for 16-bit elements, 4 x 4 for 32-bit.
+template <typename T>
+inline void transpose_block(const T* in, int64_t in_stride, T* out, int64_t out_stride) {
+    if constexpr (sizeof(T) == 2) {
+        transpose_8x8(reinterpret_cast<const uint16_t*>(in), in_stride, reinterpret_cast<uint16_t*>(out), out_stride);
+    } else {
+        transpose_4x4(reinterpret_cast<const uint32_t*>(in), in_stride, reinterpret_cast<uint32_t*>(out), out_stride);
+    }
+}
 #endif
 
-// Transposed tiles of 16-bit elements (the common fp16/bf16 case) in 8 x 8 vector blocks;
-// returns false where that does not apply.
+// Transposed tiles of 16-bit elements (fp16/bf16) in 8 x 8 vector blocks and of 32-bit elements
+// (fp32) in 4 x 4 ones; returns false where that does not apply.
 //
-// Into the cache, a band of 8 cache rows (dims) by up to 256 tokens is transposed into a small
-// buffer that stays in the L1 cache, and each row of it then goes out in one run of streaming
-// stores. Streaming each 8 x 8 block straight from the transpose writes 16 bytes into each of 8
-// rows in turn, so 8 cache lines are being filled at once, each over 4 blocks; on the 2-core
-// machine of docs/benchmarks/connector.md that made the scatter into a vLLM-shaped CPU cache
-// 3 times slower than this one (93 MiB of bf16 chunks: 21 ms against 7, a plain copy 7).
+// Into the cache, a band of 8 (or 4) cache rows (dims) by up to 256 tokens is transposed into a
+// small buffer that stays in the L1 cache, and each row of it then goes out in one run of
+// streaming stores. Streaming each block straight from the transpose writes 16 bytes into each
+// of its rows in turn, so 8 cache lines are being filled at once, each over 4 blocks; on the
+// 2-core machine of docs/benchmarks/connector.md that made the scatter into a vLLM-shaped CPU
+// cache 3 times slower than this one (93 MiB of bf16 chunks: 21 ms against 7, a plain copy 7).
+// fp32 caches (CPUs without native 16-bit float arithmetic) took an element-by-element loop
+// before the 4 x 4 blocks.
 template <typename T>
 bool copy_transposed_fast(bool to_staging, T* cache, int64_t dim_stride, T* tile, size_t tokens, size_t dims) {
 #if defined(__SSE2__)
-    if constexpr (sizeof(T) == 2) {
-        if (tokens % 8 != 0 || dims % 8 != 0) return false;
-        auto* c = reinterpret_cast<uint16_t*>(cache);
-        auto* s = reinterpret_cast<uint16_t*>(tile);
+    if constexpr (sizeof(T) == 2 || sizeof(T) == 4) {
+        constexpr size_t kLanes = 16 / sizeof(T);
+        if (tokens % kLanes != 0 || dims % kLanes != 0) return false;
         int64_t row = static_cast<int64_t>(dims);
         if (to_staging) {
-            for (size_t d = 0; d < dims; d += 8) {
-                for (size_t t = 0; t < tokens; t += 8) {
-                    transpose_8x8(c + d * dim_stride + t, dim_stride, s + t * dims + d, row);
+            for (size_t d = 0; d < dims; d += kLanes) {
+                for (size_t t = 0; t < tokens; t += kLanes) {
+                    transpose_block(cache + d * dim_stride + t, dim_stride, tile + t * dims + d, row);
                 }
             }
             return true;
         }
         constexpr size_t kBandTokens = 256;
-        alignas(64) uint16_t band[8 * kBandTokens];
+        alignas(64) T band[kLanes * kBandTokens];
         for (size_t t0 = 0; t0 < tokens; t0 += kBandTokens) {
             size_t width = tokens - t0 < kBandTokens ? tokens - t0 : kBandTokens;
-            for (size_t d = 0; d < dims; d += 8) {
-                for (size_t t = 0; t < width; t += 8) {
-                    transpose_8x8(s + (t0 + t) * dims + d, row, band + t, static_cast<int64_t>(width));
+            for (size_t d = 0; d < dims; d += kLanes) {
+                for (size_t t = 0; t < width; t += kLanes) {
+                    transpose_block(tile + (t0 + t) * dims + d, row, band + t, static_cast<int64_t>(width));
                 }
-                for (size_t i = 0; i < 8; ++i) {
-                    copy_row_into_cache(c + (d + i) * dim_stride + t0, band + i * width, width * sizeof(uint16_t));
+                for (size_t i = 0; i < kLanes; ++i) {
+                    copy_row_into_cache(cache + (d + i) * dim_stride + t0, band + i * width, width * sizeof(T));
                 }
             }
         }
