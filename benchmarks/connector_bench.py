@@ -128,7 +128,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="more fresh warm processes per connector, each loading every document's first prompt once "
         "(default: 8; 2 with --quick)",
     )
-    parser.add_argument("--dtype", default="auto", help="model dtype passed to vLLM (default: %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPE_BYTES],
+        help="model dtype passed to vLLM (default: %(default)s: the model's own where this CPU has native "
+        "arithmetic for it, float32 otherwise)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: tiny model, 2 documents x 2 questions x 1500 tokens"
     )
@@ -268,12 +274,24 @@ class Workload:
     model_info: str
 
 
+#: The dtypes --dtype takes (vLLM's names), and their bytes per element.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+
+
+def dtype_bytes(dtype: str) -> int:
+    name = dtype.lower().removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise SystemExit(f"dtype {dtype!r} is not one this benchmark runs: {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
+
+
 def model_dtype(path: str) -> str:
-    """The dtype the model's config.json names (vLLM's ``auto``)."""
+    """The dtype the model's checkpoint holds, from its config.json."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    config = config.get("text_config", config)
-    return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
+    text = config.get("text_config", config)
+    named = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype")
+    return str(named or "bfloat16").lower().removeprefix("torch.")
 
 
 def cpu_computes(dtype: str) -> bool:
@@ -282,22 +300,27 @@ def cpu_computes(dtype: str) -> bool:
     an 8000-token prefill of the 'small' model would take minutes instead of seconds."""
     import torch
 
-    if dtype in ("bfloat16", "bf16"):
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype in ("float16", "half", "fp16"):
+    if dtype_bytes(dtype) == 4:
+        return True
+    try:
+        if dtype == "bfloat16":
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
 
 
 def resolve_dtype(requested: str, model: str) -> tuple[str, str]:
-    """The dtype to run the model in, and why. ``auto`` is the model's own dtype where this CPU computes it
-    natively, float32 otherwise (the KV cache then holds float32 too, so every connector moves twice the bytes)."""
+    """The dtype to run the model in, and why. ``auto`` is what vLLM's ``auto`` picks on the CPU (the checkpoint's
+    16-bit dtype, bfloat16 for a float32 checkpoint) where this CPU computes it natively, float32 otherwise (the
+    KV cache then holds float32 too, so every connector moves twice the bytes)."""
     if requested != "auto":
         return requested, "as asked (--dtype)"
     own = model_dtype(model)
-    if cpu_computes(own):
-        return own, "the model's own"
-    return "float32", f"the model's is {own}, which this CPU has no native arithmetic for (--dtype {own} forces it)"
+    wanted = "bfloat16" if dtype_bytes(own) == 4 else own
+    if cpu_computes(wanted):
+        return wanted, "the model's own" if wanted == own else f"vLLM's choice for a {own} checkpoint"
+    return "float32", f"the model's is {own}, which this CPU has no native arithmetic for (--dtype {wanted} forces it)"
 
 
 def model_shape(path: str, dtype: str) -> tuple[int, str]:
@@ -309,8 +332,7 @@ def model_shape(path: str, dtype: str) -> tuple[int, str]:
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    dtype_bytes = 4 if "32" in dtype else 2
-    per_token = layers * 2 * kv_heads * head_dim * dtype_bytes
+    per_token = layers * 2 * kv_heads * head_dim * dtype_bytes(dtype)
     info = (
         f"{config.get('architectures', ['?'])[0]}, {layers} layers, {kv_heads} KV heads x {head_dim}, {dtype}: "
         f"{per_token / 1024:.1f} KiB of KV per token"
@@ -826,10 +848,15 @@ class Bench:
         longest = max(len(p.tokens) for p in workload.prompts + workload.new_questions)
         self.max_model_len = max(longest, len(workload.chunked)) + 64
         self.default_batched = max(self.max_model_len, 4096)  # every prompt in one step: no chunked prefill
-        self.model_bytes = sum(
-            os.path.getsize(os.path.join(model, name))
-            for name in os.listdir(model)
-            if name.endswith((".safetensors", ".bin", ".pt"))
+        # The weights in memory: the checkpoint's bytes, scaled when the engine runs another dtype.
+        self.model_bytes = (
+            sum(
+                os.path.getsize(os.path.join(model, name))
+                for name in os.listdir(model)
+                if name.endswith((".safetensors", ".bin", ".pt"))
+            )
+            * dtype_bytes(settings.dtype)
+            // dtype_bytes(model_dtype(model))
         )
         self.failures: list[str] = []
 

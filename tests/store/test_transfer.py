@@ -81,7 +81,8 @@ CASES = [
     # elements and of 4k tokens of 32-bit ones take the vector transpose, which writes K into the
     # cache in bands of at most 256 tokens, each row with streaming stores where it is 16-byte
     # aligned and at least 64 bytes, with a plain copy elsewhere (36-token blocks: 16-bit rows
-    # 72 bytes apart, some chunks 8 bytes in; 4-token fp32 chunks: rows of 16 bytes).
+    # 72 bytes apart, some chunks 8 bytes in; 4-token fp32 chunks: rows of 16 bytes). 6-token fp32
+    # chunks take the element-by-element loop.
     ("cpu", np.float16, 8, TOKENS),
     ("cpu", np.float16, 32, 36),
     ("cpu", np.float16, 32, TOKENS),
@@ -90,6 +91,7 @@ CASES = [
     ("cpu", np.float32, 8, TOKENS),
     ("cpu", np.float32, 520, 1040),
     ("cpu", np.float32, 4, 36),
+    ("cpu", np.float32, 6, 36),
     ("flash", np.float16, 8, TOKENS),
     ("flash", np.float32, 32, TOKENS),
 ]
