@@ -24,8 +24,13 @@ a small ``max_num_batched_tokens``) through both connectors, cold and warm, wher
 equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) a run takes about 14 minutes on 2 idle cores;
-``--quick`` (tiny model, short documents) is a smoke test of 2-3 minutes.
+(random weights, ~100M parameters, built offline) a run takes about 14 minutes on 2 idle cores
+with native bf16 and about 30 minutes in float32 on an AVX2-only CPU; ``--quick`` (tiny model,
+short documents) is a smoke test of 3-6 minutes.
+
+Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
+that no prompt ends 0 or 1 token past a block boundary: see DEFAULT_BLOCK_TOKENS and
+``build_workload``.
 """
 
 from __future__ import annotations
@@ -60,14 +65,21 @@ TARGET_OVERHEAD_RATIO = 0.5  # UCM overhead / ExampleConnector overhead (warm TT
 TARGET_COLD_COST = 0.03  # UCM cold TTFT over no-connector TTFT
 TARGET_THROUGHPUT_LOSS = 0.05  # UCM tokens/s under no-connector tokens/s, no reuse
 
-#: Engine settings shared by every process (vLLM's CPU defaults otherwise: block size 128).
+#: Engine settings shared by every process (vLLM's CPU defaults otherwise, but for the block size).
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs inside the measured process
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-BLOCK_TOKENS = 128  # vLLM's CPU default; sizes the KV cache and tells the report what a chunk setting means
+#: Engine block size (tokens). vLLM's CPU default is 128, and every prompt's last partial block is
+#: computed even when the rest of it comes from a cache: with 128-token blocks that is up to 127
+#: tokens attending to 8k cached ones. On a CPU without fast attention kernels those tokens take
+#: most of the FLOOR (about 1 s for 96 tokens in float32 on an AVX2 CPU) and vary by +-70 ms from
+#: request to request, more than the connector overheads compared. 32 is the smallest size vLLM's
+#: CPU attention takes: the tail behind the cached part is at most 31 tokens (often 1-3), the
+#: FLOOR about 0.1 s +-10 ms. Prefill cost is the same either way (8k-token prefill: 49 s / 50 s).
+DEFAULT_BLOCK_TOKENS = 32
 ENGINE_OVERHEAD_BYTES = 2 * GIB  # an engine process's memory besides weights and KV cache (rough)
 IDLE_BEFORE_REQUEST_S = 0.5  # pause before every timed request (see _Engine._timed)
 SETTLE_S = 1.0  # pause between two ways' turns, so one's background writes do not slow the other
@@ -100,6 +112,7 @@ class Settings:
     tput_prompt_tokens: int = 1000
     tput_max_tokens: int = 32
     repeats: int = 3
+    block_size: int = DEFAULT_BLOCK_TOKENS
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 6  # warm passes: loads again of each document's first prompt, each paired with its repeat
     fresh: int = 8  # more fresh processes per connector, each loading every document's first prompt once
@@ -116,6 +129,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--doc-tokens", type=int, help="tokens per document (default: 8000)")
     parser.add_argument("--questions", type=int, help="questions per document (default: 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats of the throughput check (default: 3)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_TOKENS,
+        help="engine block size in tokens, a multiple of 32 on CPU (default: %(default)s; vLLM's CPU default is "
+        "128, which leaves up to 127 tokens behind every cached prefix to compute: see the report's engines line)",
+    )
     parser.add_argument(
         "--reloads",
         type=int,
@@ -157,6 +177,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         doc_tokens=args.doc_tokens or (1500 if quick else 8000),
         questions=args.questions or (2 if quick else 3),
         repeats=args.repeats or (2 if quick else 3),
+        block_size=args.block_size,
         dtype=args.dtype,
         markdown=args.markdown,
         workdir=args.workdir,
@@ -171,8 +192,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     if quick:
         settings.chunk_budget = 512
         settings.tput_prompt_tokens = 500
-    if min(settings.docs, settings.questions, settings.repeats) < 1 or settings.doc_tokens < 2 * BLOCK_TOKENS:
-        parser.error(f"--docs, --questions and --repeats must be at least 1, --doc-tokens at least {2 * BLOCK_TOKENS}")
+    if settings.block_size < 1 or settings.block_size % 32:
+        parser.error(f"--block-size must be a positive multiple of 32 (CPU attention), not {settings.block_size}")
+    if min(settings.docs, settings.questions, settings.repeats) < 1 or settings.doc_tokens < 2 * settings.block_size:
+        parser.error(
+            "--docs, --questions and --repeats must be at least 1, "
+            f"--doc-tokens at least twice the block size ({2 * settings.block_size})"
+        )
     return settings
 
 
@@ -357,21 +383,32 @@ def build_workload(settings: Settings, model: str) -> Workload:
         # Every word is at least one token, so `count` words are enough.
         return bos + tokens(make_text(rng, words, count))[: count - len(bos)]
 
-    def question(rng: random.Random, number: int) -> list[int]:
-        return tokens(f"\n\nQuestion {number}: {make_text(rng, words, settings.question_words)}?\nAnswer:")
+    def question(rng: random.Random, number: int, doc: list[int]) -> list[int]:
+        # Drawn again (at most a few times) while document + question is 0 or 1 token past a block
+        # boundary. One past: ExampleConnector saves such a prompt under its first n-1 tokens rounded
+        # down to whole blocks and looks it up under n-2 rounded down, one block apart, so it could
+        # never hit. On the boundary: the whole last block is computed behind the cached prefix
+        # (vLLM always computes the last token), where other lengths compute 2 to B-1 tokens; on a
+        # slow CPU that block's attention over 8k tokens is most of the FLOOR and of its spread.
+        for _ in range(100):
+            text = tokens(f"\n\nQuestion {number}: {make_text(rng, words, settings.question_words)}?\nAnswer:")
+            if (len(doc) + len(text)) % settings.block_size not in (0, 1):
+                break
+        return text
 
     rng = random.Random(1234)
     docs = [document(rng, settings.doc_tokens) for _ in range(settings.docs)]
     prompts = [
-        Prompt(d, q, doc + question(rng, q + 1)) for d, doc in enumerate(docs) for q in range(settings.questions)
+        Prompt(d, q, doc + question(rng, q + 1, doc)) for d, doc in enumerate(docs) for q in range(settings.questions)
     ]
     other = random.Random(5678)
     new_questions = [
-        Prompt(d, settings.questions + q, doc + question(other, settings.questions + q + 1))
+        Prompt(d, settings.questions + q, doc + question(other, settings.questions + q + 1, doc))
         for d, doc in enumerate(docs)
         for q in range(settings.questions)
     ]
-    chunked = document(random.Random(91011), settings.doc_tokens) + question(rng, 1)
+    chunked_doc = document(random.Random(91011), settings.doc_tokens)
+    chunked = chunked_doc + question(rng, 1, chunked_doc)
     throughput = [
         [
             document(random.Random(1_000_000 * (r + 1) + i), settings.tput_prompt_tokens)
@@ -402,6 +439,7 @@ class EngineSpec:
     max_model_len: int
     max_num_batched_tokens: int
     dtype: str
+    block_size: int
     log: str
     ucm_config: dict = field(default_factory=dict)
 
@@ -518,6 +556,7 @@ class _Engine:
             max_model_len=spec.max_model_len,
             max_num_batched_tokens=spec.max_num_batched_tokens,
             dtype=spec.dtype,
+            block_size=spec.block_size,
             seed=0,
             kv_transfer_config=transfer,
         )
@@ -862,15 +901,16 @@ class Bench:
 
     def kv_cache_bytes(self, prompts: Sequence[list[int]]) -> int:
         """Room for every prompt's KV at once (shared prefixes counted once), the warm-up, and 25% spare."""
+        block = self.settings.block_size
         seen = set()
         for prompt in prompts:
             chain = 0
-            for start in range(0, len(prompt) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
-                chain = hash((chain, tuple(prompt[start : start + BLOCK_TOKENS])))
+            for start in range(0, len(prompt) - block + 1, block):
+                chain = hash((chain, tuple(prompt[start : start + block])))
                 seen.add(chain)
         blocks = len(seen) + 2 * len(prompts) + 4  # + each prompt's partial block and output, + the warm-up
-        blocks = max(blocks, self.max_model_len // BLOCK_TOKENS + 2)
-        return int(blocks * BLOCK_TOKENS * self.workload.kv_bytes_per_token * 1.25)
+        blocks = max(blocks, self.max_model_len // block + 2)
+        return int(blocks * block * self.workload.kv_bytes_per_token * 1.25)
 
     def side_by_side(self, kv_bytes: Sequence[int]) -> bool:
         """Whether engines of these KV sizes fit in memory together (else they run one after another)."""
@@ -887,6 +927,7 @@ class Bench:
             max_model_len=self.max_model_len,
             max_num_batched_tokens=batched,
             dtype=self.settings.dtype,
+            block_size=self.settings.block_size,
             log=os.path.join(self.workdir, f"{label}.log"),
             ucm_config=self.settings.ucm_config,
         )
@@ -1466,9 +1507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.ucm_config:
         header.append(f"- UcmConnector settings beyond the defaults: {json.dumps(settings.ucm_config)}")
     chunk = settings.ucm_config.get("chunk_tokens")
-    if isinstance(chunk, int) and 0 < chunk < BLOCK_TOKENS:
+    if isinstance(chunk, int) and 0 < chunk < settings.block_size:
         header.append(
-            f"- UcmConnector stores {chunk}-token chunks, smaller than the engine's {BLOCK_TOKENS}-token blocks: it "
+            f"- UcmConnector stores {chunk}-token chunks, smaller than the engine's {settings.block_size}-token "
+            "blocks: it "
             "also loads the whole chunks of each prompt's last, partial block, which vLLM's own prefix cache "
             "recomputes. Its repeats (the FLOOR beside each of its loads) are then partly served by it too, and "
             "its prompts compute fewer tokens than the no-connector runs they are compared with, so their "
@@ -1497,8 +1539,14 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         f"- dtype: {settings.dtype}, {why}",
         f"- workload: {settings.docs} documents x {settings.doc_tokens} tokens, {settings.questions} questions each; "
         "prompt = document + question; TTFT = wall time of generate(max_tokens=1), one request at a time",
-        f"- engines: one per process (uni executor), eager mode, prefix caching on, block size {BLOCK_TOKENS} "
-        "(CPU default), stores in a local directory (reads come from the OS page cache, or from the disk for what "
+        f"- engines: one per process (uni executor), eager mode, prefix caching on, block size {settings.block_size}"
+        + (
+            " (vLLM's CPU default)"
+            if settings.block_size == 128
+            else " (vLLM's CPU default is 128; smaller blocks leave fewer tokens to compute behind a cached prefix, "
+            "so the FLOOR and its request-to-request spread shrink: --block-size 128 runs the default)"
+        )
+        + ", stores in a local directory (reads come from the OS page cache, or from the disk for what "
         "it no longer holds: see the fresh-process table)",
     ]
     if not settings.model:
