@@ -18,8 +18,8 @@ its KV comes from the store. Connector overhead = warm TTFT - FLOOR. The process
 machine's load hits every way alike (on a small machine, where they do not fit in memory
 together, they run one after another).
 
-Then a throughput check without reuse (distinct prompts in one ``generate`` call, repeats
-interleaved: no connector, UCM, no connector, UCM, ...) and a chunked-prefill run (one long prompt,
+Then a throughput check without reuse (distinct prompts in one ``generate`` call, five repeats
+interleaved: no connector, UCM, UCM, no connector, ...) and a chunked-prefill run (one long prompt,
 a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm outputs must
 equal cold ones; a connector that fails is reported, and the run goes on.
 
@@ -111,7 +111,7 @@ class Settings:
     tput_prompts: int = 8
     tput_prompt_tokens: int = 1000
     tput_max_tokens: int = 32
-    repeats: int = 3
+    repeats: int = 5
     block_size: int = DEFAULT_BLOCK_TOKENS
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 6  # warm passes: loads again of each document's first prompt, each paired with its repeat
@@ -128,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--docs", type=int, help="documents (default: 3)")
     parser.add_argument("--doc-tokens", type=int, help="tokens per document (default: 8000)")
     parser.add_argument("--questions", type=int, help="questions per document (default: 3)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats of the throughput check (default: 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of the throughput check (default: 5)")
     parser.add_argument(
         "--block-size",
         type=int,
@@ -176,7 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         docs=args.docs or (2 if quick else 3),
         doc_tokens=args.doc_tokens or (1500 if quick else 8000),
         questions=args.questions or (2 if quick else 3),
-        repeats=args.repeats or (2 if quick else 3),
+        repeats=args.repeats or (2 if quick else 5),
         block_size=args.block_size,
         dtype=args.dtype,
         markdown=args.markdown,
@@ -1010,7 +1010,7 @@ class Bench:
         return results
 
     def throughput(self) -> dict[str, list[dict[str, Any]]]:
-        """Interleaved repeats of one batch of distinct prompts: no connector, UCM, no connector, UCM, ..."""
+        """Interleaved repeats of one batch of distinct prompts: no connector, UCM, UCM, no connector, ..."""
         batches = self.workload.throughput
         kv_bytes = self.kv_cache_bytes([p for batch in batches for p in batch])
         results: dict[str, list[dict[str, Any]]] = {"none": [], "ucm": []}
@@ -1023,7 +1023,9 @@ class Bench:
                 spec = self.spec(label, connector, store if connector else None, kv_bytes, self.default_batched)
                 engines[way] = self.pool.start(spec)[0]
             for r, batch in enumerate(batches):
-                for way, engine in engines.items():
+                # Which way runs first alternates, so neither always follows the other's work.
+                order = list(engines.items()) if r % 2 == 0 else list(reversed(engines.items()))
+                for way, engine in order:
                     time.sleep(SETTLE_S)
                     run = engine.call("generate", batch, self.settings.tput_max_tokens)
                     run["tokens_per_s"] = (run["prompt_tokens"] + run["output_tokens"]) / run["seconds"]
@@ -1421,7 +1423,8 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         )
     out += [
         f"### Throughput without reuse ({settings.tput_prompts} distinct prompts x {settings.tput_prompt_tokens} "
-        f"tokens, max_tokens {settings.tput_max_tokens}, one generate call, repeats interleaved)",
+        f"tokens, max_tokens {settings.tput_max_tokens}, one generate call, repeats interleaved, each way first "
+        "in turn)",
         "",
         table(
             [

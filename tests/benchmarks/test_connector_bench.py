@@ -1,0 +1,56 @@
+"""The main job's workload and settings (benchmarks/connector_bench.py), without running engines."""
+
+from __future__ import annotations
+
+import connector_bench as bench
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from models import build
+
+    return build(str(tmp_path_factory.mktemp("tiny-model")), "tiny")
+
+
+def test_no_prompt_ends_on_or_one_token_past_a_block_boundary(tiny_model):
+    # One past: ExampleConnector could never hit the prompt (its save and its lookup round to
+    # different whole blocks); on the boundary: a whole block would be computed behind the cached
+    # prefix. Either would skew the overhead comparison. (Without the rule, some of these 65
+    # prompts do end there.)
+    block = 32
+    settings = bench.parse_args(
+        ["--docs", "4", "--questions", "8", "--doc-tokens", "300", "--block-size", str(block), "--dtype", "float32"]
+    )
+    workload = bench.build_workload(settings, tiny_model)
+    prompts = [p.tokens for p in workload.prompts + workload.new_questions] + [workload.chunked]
+    assert len(prompts) == 65
+    tails = [len(tokens) % block for tokens in prompts]
+    assert all(tail not in (0, 1) for tail in tails), tails
+    # The questions still differ in length: the rule redraws a question, it does not pad prompts.
+    assert len(set(tails)) > 3
+
+
+def test_questions_share_their_document_prefix(tiny_model):
+    settings = bench.parse_args(["--docs", "2", "--questions", "3", "--doc-tokens", "300", "--dtype", "float32"])
+    workload = bench.build_workload(settings, tiny_model)
+    by_doc: dict[int, list[list[int]]] = {}
+    for prompt in workload.prompts + workload.new_questions:
+        by_doc.setdefault(prompt.doc, []).append(prompt.tokens)
+    for prompts in by_doc.values():
+        assert len(prompts) == 6
+        assert len({tuple(p[:300]) for p in prompts}) == 1
+        assert len({tuple(p) for p in prompts}) == 6
+
+
+@pytest.mark.parametrize("value", ["48", "16", "0"])
+def test_a_block_size_cpu_attention_cannot_run_is_refused_by_name(value, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--block-size", value])
+    err = capsys.readouterr().err
+    assert "--block-size must be a positive multiple of 32" in err and value in err
+
+
+def test_the_default_block_size_is_32_and_128_is_accepted():
+    assert bench.parse_args([]).block_size == 32
+    assert bench.parse_args(["--block-size", "128"]).block_size == 128
