@@ -6,13 +6,6 @@ import connector_bench as bench
 import pytest
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from models import build
-
-    return build(str(tmp_path_factory.mktemp("tiny-model")), "tiny")
-
-
 def test_no_prompt_ends_on_or_one_token_past_a_block_boundary(tiny_model):
     # One past: ExampleConnector could never hit the prompt (its save and its lookup round to
     # different whole blocks); on the boundary: a whole block would be computed behind the cached

@@ -1,4 +1,4 @@
-"""Fixtures of the connector tests: a tiny model and three child processes of vLLM engines.
+"""Fixtures of the connector tests: three child processes of vLLM engines (the tiny model comes from tests/conftest.py).
 
 The engines are grouped by what they need so that each child process pays vLLM's import once:
 
@@ -47,13 +47,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.vllm)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    from models import build
-
-    return build(str(tmp_path_factory.mktemp("tiny-model")), "tiny")
 
 
 @pytest.fixture(scope="session")
