@@ -34,8 +34,14 @@ def free_port() -> int:
 
 
 def ucm_kv_config(role: str, store: dict) -> dict:
-    """``--kv-transfer-config`` of a server with UCM's connector in ``role``."""
-    return {"kv_connector": "UcmConnector", "kv_role": role, "kv_connector_extra_config": store}
+    """``--kv-transfer-config`` of a server with UCM's connector in ``role``; a chunk that fails to
+    load (the shared store restarting between lookup and load) is recomputed, not an error."""
+    return {
+        "kv_connector": "UcmConnector",
+        "kv_role": role,
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": store,
+    }
 
 
 class Processes:

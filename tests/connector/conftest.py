@@ -96,9 +96,10 @@ def first_run(tiny_model, stores, redis_server, tmp_path_factory) -> dict[str, d
         ct.engine("cold32", m, 32, COLD32_PHASES, stores["s32"]),
         ct.engine("cold128", m, 128, BLOCK128_PHASES, stores["s128"]),
         ct.engine("cold128-chunk32", m, 128, SINGLE_PHASE, stores["chunk32-by-block128"], chunk_tokens=32),
-        ct.engine("producer", m, 32, SINGLE_PHASE, stores["producer"], role="kv_producer"),
+        # vLLM's default load failure policy: a warning from engines that load, none from one that only saves.
+        ct.engine("producer", m, 32, SINGLE_PHASE, stores["producer"], role="kv_producer", failure_policy="fail"),
         ct.engine("consumer-empty", m, 32, SINGLE_PHASE, stores["empty"], role="kv_consumer"),
-        ct.engine("redis-cold", m, 32, SINGLE_PHASE, **ct.on_redis(redis_server, "engines:")),
+        ct.engine("redis-cold", m, 32, SINGLE_PHASE, failure_policy="fail", **ct.on_redis(redis_server, "engines:")),
         ct.engine("unknown-key", m, 32, [], stores["empty"], chunk_token=32, expect_error=True),
         ct.engine("chunk-not-dividing", m, 32, [], stores["empty"], chunk_tokens=24, expect_error=True),
     ]

@@ -74,7 +74,8 @@ def engine(
     """An engine spec for ``engine_run.py``; without ``root`` (or a ``store`` in ``extra``), an engine
     without the connector.
 
-    ``extra``: ``module_path``, ``sabotage``, ``expect_error``, and the rest goes to
+    ``extra``: ``module_path``, ``failure_policy`` (vLLM's ``kv_load_failure_policy``, by default
+    ``"recompute"``), ``sabotage``, ``expect_error``, and the rest goes to
     ``kv_connector_extra_config`` (``store_config`` defaults to the posix ``root``).
     """
     spec = {"name": name, "model": model, "block_size": block_size, "phases": phases, **ENGINE}
@@ -83,10 +84,16 @@ def engine(
             spec[key] = extra.pop(key)
     if root is not None or "store" in extra:
         module_path = extra.pop("module_path", None)
+        failure_policy = extra.pop("failure_policy", "recompute")
         if root is not None:
             extra.setdefault("store_config", {"root": str(root)})
             spec["store_root"] = str(root)
-        spec["connector"] = {"kv_role": role, "extra_config": extra, "module_path": module_path}
+        spec["connector"] = {
+            "kv_role": role,
+            "extra_config": extra,
+            "module_path": module_path,
+            "failure_policy": failure_policy,
+        }
     return spec
 
 

@@ -152,6 +152,26 @@ def output_record(output) -> dict:
     }
 
 
+@contextlib.contextmanager
+def connector_warnings():
+    """The warnings UCM's connector logs meanwhile, as a list of messages."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("ucm.connector")
+    handler = Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 def run_engine(spec: dict, results) -> dict:
     from vllm import SamplingParams
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
@@ -164,8 +184,13 @@ def run_engine(spec: dict, results) -> dict:
         llm.llm_engine.engine_core.shutdown()
         return {"error": None}
 
-    llm = make_engine(spec)
-    result = {"phases": [], "registered_by_plugin": "UcmConnector" in KVConnectorFactory._registry}
+    with connector_warnings() as warnings:
+        llm = make_engine(spec)
+    result = {
+        "phases": [],
+        "registered_by_plugin": "UcmConnector" in KVConnectorFactory._registry,
+        "warnings": warnings,
+    }
     watchdog = Watchdog(llm, spec, results)
     watchdog.start()
     try:

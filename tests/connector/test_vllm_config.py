@@ -24,3 +24,18 @@ def test_connector_found_by_module_path(first_run, module_path_run):
     assert result["registered_by_plugin"] is False
     assert_same_outputs(run, EngineResult(first_run["base32"]), "single")
     assert run.metric("single", HITS) == sum(loadable(p, 32) for p in SINGLE) > 0
+
+
+def test_vllm_default_load_failure_policy_is_warned_about(first_run):
+    """With vLLM's default ("fail") a store restart between lookup and load fails the request:
+    an engine that loads says so once and names the setting; one that only saves, or that
+    recomputes failed loads, says nothing about it."""
+
+    def policy_warnings(name: str) -> list[str]:
+        return [w for w in EngineResult(first_run[name]).raw["warnings"] if "kv_load_failure_policy" in w]
+
+    warned = policy_warnings("redis-cold")
+    assert len(warned) == 1, warned
+    assert '"recompute"' in warned[0] and "error" in warned[0]
+    assert policy_warnings("producer") == []  # kv_producer never loads
+    assert policy_warnings("cold32") == []  # "recompute"

@@ -119,6 +119,8 @@ class UcmConnector(KVConnectorBase_V1):
         store_config = self.config.resolved_store_config(num_shards=self.tp_size)
         self.store = open_store(self.config.store, store_config)
         self._warn_if_process_local(store_config, vllm_config.model_config.model)
+        if role == KVConnectorRole.SCHEDULER and self._loads_enabled:
+            self._warn_if_load_failures_fail(getattr(transfer, "kv_load_failure_policy", None))
         self._stats = UcmConnectorStats()
         # Sparse attention: the scheduler side keeps its own instance; the worker side shares the
         # one its attention layers use (ucm.connector.vllm.sparse).
@@ -163,6 +165,17 @@ class UcmConnector(KVConnectorBase_V1):
             "head_size": model.get_head_size(),
             "chunk_tokens": self.chunk_tokens,
         }
+
+    @staticmethod
+    def _warn_if_load_failures_fail(policy: str | None) -> None:
+        """vLLM's own default ends a request whose load fails (a store restarted or a chunk evicted
+        between lookup and load) with an error; with "recompute" it is a miss."""
+        if policy == "fail":
+            log.warning(
+                'UcmConnector: kv_load_failure_policy is "fail", so a request whose chunks cannot be read '
+                "(a shared store restarting, a chunk evicted or damaged after its lookup) ends with an error; "
+                'set "kv_load_failure_policy": "recompute" in --kv-transfer-config to compute such chunks instead'
+            )
 
     def _warn_if_process_local(self, store_config: dict[str, Any], model: str) -> None:
         """Warn about settings under which another process or a restart can never hit."""
