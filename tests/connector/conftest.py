@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-# The test modules import connectortest and engine_run from here, whatever pytest's import mode;
-# benchmarks/models.py builds the model.
-for path in (HERE, HERE.parents[1] / "benchmarks", HERE.parent / "store"):
+# The test modules import connectortest and engine_run from here, whatever pytest's import mode
+# (benchmarks/ is put on the path by tests/conftest.py).
+for path in (HERE, HERE.parent / "store"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -84,16 +84,13 @@ def engine(
             spec[key] = extra.pop(key)
     if root is not None or "store" in extra:
         module_path = extra.pop("module_path", None)
-        failure_policy = extra.pop("failure_policy", "recompute")
+        failure_policy = extra.pop("failure_policy", None)
         if root is not None:
             extra.setdefault("store_config", {"root": str(root)})
             spec["store_root"] = str(root)
-        spec["connector"] = {
-            "kv_role": role,
-            "extra_config": extra,
-            "module_path": module_path,
-            "failure_policy": failure_policy,
-        }
+        spec["connector"] = {"kv_role": role, "extra_config": extra, "module_path": module_path}
+        if failure_policy is not None:  # else engine_run's default, "recompute"
+            spec["connector"]["failure_policy"] = failure_policy
     return spec
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-# benchmarks/: models.py builds the model, servers.py starts processes; tests/store: the Redis server.
-for path in (HERE.parents[1] / "benchmarks", HERE.parent / "store"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+# tests/store: the Redis server (benchmarks/, for models.py and servers.py, is put on the path by
+# tests/conftest.py).
+if str(HERE.parent / "store") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "store"))
 
 CHUNK = 32
 

@@ -120,7 +120,7 @@ class UcmConnector(KVConnectorBase_V1):
         self.store = open_store(self.config.store, store_config)
         self._warn_if_process_local(store_config, vllm_config.model_config.model)
         if role == KVConnectorRole.SCHEDULER and self._loads_enabled:
-            self._warn_if_load_failures_fail(getattr(transfer, "kv_load_failure_policy", None))
+            self._warn_if_load_failures_fail(transfer.kv_load_failure_policy)
         self._stats = UcmConnectorStats()
         # Sparse attention: the scheduler side keeps its own instance; the worker side shares the
         # one its attention layers use (ucm.connector.vllm.sparse).
@@ -167,7 +167,7 @@ class UcmConnector(KVConnectorBase_V1):
         }
 
     @staticmethod
-    def _warn_if_load_failures_fail(policy: str | None) -> None:
+    def _warn_if_load_failures_fail(policy: str) -> None:
         """vLLM's own default ends a request whose load fails (a store restarted or a chunk evicted
         between lookup and load) with an error; with "recompute" it is a miss."""
         if policy == "fail":
