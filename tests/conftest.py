@@ -1,4 +1,4 @@
-"""Fixtures shared by the test folders: benchmarks/ on the import path and the tiny model."""
+"""Fixtures shared by the test folders: benchmarks/ and tests/store on the import path, and the tiny model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-# benchmarks/models.py builds the model; tests/benchmarks imports the benchmark scripts themselves.
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
+# benchmarks/: models.py builds the model, servers.py starts processes, and tests/benchmarks imports the
+# benchmark scripts themselves. tests/store: the Redis server helper the connector and PD tests start.
+HERE = Path(__file__).resolve().parent
+for path in (HERE.parent / "benchmarks", HERE / "store"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,9 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 # The test modules import connectortest and engine_run from here, whatever pytest's import mode
-# (benchmarks/ is put on the path by tests/conftest.py).
-for path in (HERE, HERE.parent / "store"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+# (benchmarks/ and tests/store are put on the path by tests/conftest.py).
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
 from engine_run import ENGINE_ENV  # noqa: E402
 

@@ -9,16 +9,7 @@ prefill server does not exist, so every prefill there fails.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-HERE = Path(__file__).resolve().parent
-# tests/store: the Redis server (benchmarks/, for models.py and servers.py, is put on the path by
-# tests/conftest.py).
-if str(HERE.parent / "store") not in sys.path:
-    sys.path.insert(0, str(HERE.parent / "store"))
 
 CHUNK = 32
 
