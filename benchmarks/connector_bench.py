@@ -120,6 +120,7 @@ class Settings:
     markdown: str | None = None
     workdir: str | None = None
     ucm_config: dict = field(default_factory=dict)  # extra kv_connector_extra_config keys for UcmConnector
+    page_in: bool = False  # --page-in: warm and fresh passes load from a store held in the page cache
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
@@ -159,6 +160,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         "--quick", action="store_true", help="smoke test: tiny model, 2 documents x 2 questions x 1500 tokens"
     )
     parser.add_argument("--markdown", metavar="FILE", help="also write the report's tables to FILE")
+    parser.add_argument(
+        "--page-in",
+        action="store_true",
+        help="a diagnostic: read a connector's store files before each document of its warm and fresh passes, so "
+        "that both connectors load from the page cache and the machine's disk stays out of the comparison",
+    )
     parser.add_argument("--workdir", help="keep stores and engine logs here (default: a temporary directory)")
     parser.add_argument(
         "--ucm-config",
@@ -182,6 +189,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         markdown=args.markdown,
         workdir=args.workdir,
         ucm_config=args.ucm_config,
+        page_in=args.page_in,
     )
     if quick:
         settings.reloads, settings.fresh = 2, 2
@@ -280,6 +288,30 @@ def directory_bytes(path: str) -> int:
             except OSError:
                 pass  # a temporary file renamed meanwhile
     return total
+
+
+def page_in(path: str) -> tuple[int, float]:
+    """Read every file under ``path`` once, so that the page cache holds all of it; returns the bytes read
+    and what of them came from the disk (bytes, ``pgpgin``).
+
+    Loads then compare the connectors rather than this machine's disk: the VMs this bench runs on evict
+    file pages left idle for about a minute (docs/benchmarks/connector.md), so without this each load would
+    also read whatever share of its files the timing of the run let the machine evict."""
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    total, disk = 0, disk_read_kib()
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue  # a temporary file renamed meanwhile
+            try:
+                while n := os.readv(fd, [view]):
+                    total += n
+            finally:
+                os.close(fd)
+    return total, (disk_read_kib() - disk) * 1024
 
 
 # -- workload -------------------------------------------------------------------------------
@@ -833,6 +865,7 @@ class Way:
     reloads: int = 0  # loads of each document's first prompt again, after emptying vLLM's prefix cache
     batched: int | None = None
     check_tokens: int = 0  # also generate this many tokens for the first prompt, to compare outputs
+    page_in: bool = False  # read the store's files before each document's prompts (see page_in)
 
 
 @dataclass
@@ -848,6 +881,7 @@ class Pass:
     stored_bytes: int | None = None
     load_average: float = math.nan  # 1-minute load average when the pass ended
     error: str | None = None
+    paged_in: list[tuple[int, float]] = field(default_factory=list)  # page_in() before each document
 
     def values(self, key: str = "ttft", only: Sequence[int] | None = None) -> list[float]:
         return [row[key] for i, row in enumerate(self.rows) if only is None or i in only]
@@ -999,6 +1033,8 @@ class Bench:
                     engine, before = engines[way.label]
                     if engine is None:
                         continue
+                    if way.page_in and way.store is not None:
+                        results[way.label].paged_in.append(page_in(way.store))
                     if turn and len(group) > 1:
                         time.sleep(SETTLE_S)  # let the previous way's background writes finish
                     if not self._segment(engine, way, doc, results[way.label]):
@@ -1047,6 +1083,25 @@ class Bench:
 
 
 # -- report ---------------------------------------------------------------------------------
+def paged_in_line(settings: Settings, passes: Sequence[Pass]) -> str:
+    """What page_in() read before the warm and fresh passes' documents, as a sentence for the report."""
+    reads = [read for p in passes for read in p.paged_in]
+    if not settings.page_in:
+        return (
+            "Store files were not read ahead: each load found in the page cache what the machine had not evicted "
+            "since the files were last used (--page-in reads each store before each document)."
+        )
+    if not reads:
+        return "Store files read ahead: none (no warm or fresh pass ran)."
+    total = mean([float(total) for total, _ in reads])
+    disk = mean([float(disk) for _, disk in reads])
+    return (
+        f"Before each document of a warm or fresh pass, the bench read that connector's whole store once "
+        f"({len(reads)} times, {mib(total)} on average, of which {mib(disk)} came from the disk), so that both "
+        "connectors load from the page cache: the machine's disk and what it evicted stay out of the comparison."
+    )
+
+
 def foreign_summary(values: Sequence[float]) -> str:
     measured = [value for value in values if not math.isnan(value)]
     return f"{mean(measured):.2f} / {max(measured):.2f}" if measured else "n/a"
@@ -1311,6 +1366,8 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         "loaded moments before. What comes from the disk adds to both connectors' overheads and pulls their "
         "ratio toward 1.",
         "",
+        paged_in_line(settings, list(passes.values())),
+        "",
     ]
 
     def cold_cost(only: Sequence[int] | None = None) -> float:
@@ -1549,8 +1606,14 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
             else " (vLLM's CPU default is 128; smaller blocks leave fewer tokens to compute behind a cached prefix, "
             "so the FLOOR and its request-to-request spread shrink: --block-size 128 runs the default)"
         )
-        + ", stores in a local directory (reads come from the OS page cache, or from the disk for what "
-        "it no longer holds: see the fresh-process table)",
+        + ", stores in a local directory"
+        + (
+            " (--page-in: before each document of a warm or fresh pass, the bench reads that connector's store "
+            "files once, so both connectors load from the page cache: see the fresh-process table)"
+            if settings.page_in
+            else " (reads come from the OS page cache, or from the disk for what it no longer holds: see the "
+            "fresh-process table)"
+        ),
     ]
     if not settings.model:
         about.append(
@@ -1578,7 +1641,15 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
     progress("warm passes: fresh processes over the stores the cold passes filled")
     passes |= bench.run_phase(
         [
-            Way("ucm-warm", "ucm", ucm, replay, floor_repeats=settings.floor_repeats, reloads=settings.reloads),
+            Way(
+                "ucm-warm",
+                "ucm",
+                ucm,
+                replay,
+                floor_repeats=settings.floor_repeats,
+                reloads=settings.reloads,
+                page_in=settings.page_in,
+            ),
             Way(
                 "example-warm",
                 "example",
@@ -1586,8 +1657,9 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
                 replay,
                 floor_repeats=settings.floor_repeats,
                 reloads=settings.reloads,
+                page_in=settings.page_in,
             ),
-            Way("ucm-new-questions", "ucm", ucm, new),
+            Way("ucm-new-questions", "ucm", ucm, new, page_in=settings.page_in),
         ]
     )
     firsts = [doc[:1] for doc in replay]
@@ -1595,7 +1667,14 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         progress(f"fresh processes {r + 1}/{settings.fresh}: a first sight of every document per connector")
         passes |= bench.run_phase(
             [
-                Way(f"{way}-fresh-{r + 1}", way, store, firsts, floor_repeats=settings.floor_repeats)
+                Way(
+                    f"{way}-fresh-{r + 1}",
+                    way,
+                    store,
+                    firsts,
+                    floor_repeats=settings.floor_repeats,
+                    page_in=settings.page_in,
+                )
                 for way, store in (
                     (("ucm", ucm), ("example", example)) if r % 2 == 0 else (("example", example), ("ucm", ucm))
                 )
@@ -1618,6 +1697,7 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
                     [[workload.chunked]],
                     batched=settings.chunk_budget,
                     check_tokens=settings.max_tokens_check,
+                    page_in=settings.page_in and phase == "warm",
                 )
                 for way in ("ucm", "example")
             ]

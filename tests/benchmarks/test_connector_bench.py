@@ -47,3 +47,24 @@ def test_a_block_size_cpu_attention_cannot_run_is_refused_by_name(value, capsys)
 def test_the_default_block_size_is_32_and_128_is_accepted():
     assert bench.parse_args([]).block_size == 32
     assert bench.parse_args(["--block-size", "128"]).block_size == 128
+
+
+def test_page_in_reads_every_file_of_a_store_once(tmp_path):
+    # The warm and fresh passes read each store before timing its loads; a file it skipped would
+    # leave that connector's loads reading from the disk while the other's do not.
+    sizes = {"a/b/one": 3 << 20, "a/two": 1, "three": 0, "c/d/e/four": (1 << 20) + 7}
+    for name, size in sizes.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+    total, _ = bench.page_in(str(tmp_path))
+    assert total == sum(sizes.values()) == bench.directory_bytes(str(tmp_path))
+
+
+def test_page_in_is_off_by_default_and_reported_when_on():
+    assert bench.parse_args([]).page_in is False
+    line = bench.paged_in_line(bench.parse_args([]), [])
+    assert "not read ahead" in line
+    warm = bench.Pass("ucm-warm", "ucm", paged_in=[(4 << 20, 0.0), (2 << 20, 1 << 20)])
+    line = bench.paged_in_line(bench.parse_args(["--page-in"]), [warm, bench.Pass("none", None)])
+    assert "2 times" in line and bench.mib(3 << 20) in line and bench.mib(1 << 19) in line
