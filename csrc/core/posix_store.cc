@@ -2,6 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -14,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <unordered_map>
@@ -50,6 +53,8 @@ std::string to_hex(const std::string& bytes) {
 }
 
 size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
+
+int64_t mtime_ns(const struct stat& st) { return st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec; }
 
 struct FdGuard {
     int fd;
@@ -195,6 +200,8 @@ void PosixStore::close() {
     }
     evict_cv_.notify_all();
     if (evictor_.joinable()) evictor_.join();
+    prewarm_stop_.store(true);
+    if (prewarmer_.joinable()) prewarmer_.join();
     pool_.shutdown();
     ::close(blocks_fd_);
     ::close(root_fd_);
@@ -574,11 +581,10 @@ bool PosixStore::tmp_is_abandoned(const std::string& name, int64_t mtime_s) cons
     return ::kill(pid, 0) != 0 && errno == ESRCH;
 }
 
-bool PosixStore::loaded_since(const std::vector<std::string>& files, int64_t mtime_ns) const {
+bool PosixStore::loaded_since(const std::vector<std::string>& files, int64_t since_ns) const {
     for (const std::string& file : files) {
         struct stat st;
-        if (::fstatat(blocks_fd_, file.c_str(), &st, 0) == 0 &&
-            st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec > mtime_ns) {
+        if (::fstatat(blocks_fd_, file.c_str(), &st, 0) == 0 && mtime_ns(st) > since_ns) {
             return true;
         }
     }
@@ -615,42 +621,25 @@ uint64_t PosixStore::evict_pass(bool take, bool wait_for_lease) {
     std::unordered_map<std::string, BlockFiles> blocks;
     uint64_t total = 0;
     uint64_t freed = 0;
-    for (size_t d = 0; d < kDirCount; ++d) {
-        char dir[8];
-        std::snprintf(dir, sizeof(dir), "%03zx", d);
-        int dfd = ::openat(blocks_fd_, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0) continue;
-        DIR* listing = ::fdopendir(dfd);
-        if (listing == nullptr) {
-            ::close(dfd);
-            continue;
-        }
-        while (struct dirent* entry = ::readdir(listing)) {
-            std::string name = entry->d_name;
-            if (name == "." || name == "..") continue;
-            struct stat st;
-            if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
-            std::string path = std::string(dir) + "/" + name;
-            if (name.rfind(".tmp.", 0) == 0) {
-                if (tmp_is_abandoned(name, st.st_mtim.tv_sec) && ::unlinkat(blocks_fd_, path.c_str(), 0) == 0) {
-                    freed += static_cast<uint64_t>(st.st_size);
-                }
-                continue;
+    for_each_file([&](const std::string& path, const std::string& name, const struct stat& st) {
+        if (name.rfind(".tmp.", 0) == 0) {
+            if (tmp_is_abandoned(name, st.st_mtim.tv_sec) && ::unlinkat(blocks_fd_, path.c_str(), 0) == 0) {
+                freed += static_cast<uint64_t>(st.st_size);
             }
-            std::string base = path.substr(0, path.find('.', 4));
-            BlockFiles& block = blocks[base];
-            block.bytes += static_cast<uint64_t>(st.st_size);
-            block.mtime_ns = std::max<int64_t>(block.mtime_ns, st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec);
-            bool commit_file = path == base || (path.size() > 3 && path.compare(path.size() - 3, 3, ".ok") == 0);
-            if (commit_file) {
-                block.files.insert(block.files.begin(), path);
-            } else {
-                block.files.push_back(path);
-            }
-            total += static_cast<uint64_t>(st.st_size);
+            return;
         }
-        ::closedir(listing);
-    }
+        std::string base = path.substr(0, path.find('.', 4));
+        BlockFiles& block = blocks[base];
+        block.bytes += static_cast<uint64_t>(st.st_size);
+        block.mtime_ns = std::max<int64_t>(block.mtime_ns, mtime_ns(st));
+        bool commit_file = path == base || (path.size() > 3 && path.compare(path.size() - 3, 3, ".ok") == 0);
+        if (commit_file) {
+            block.files.insert(block.files.begin(), path);
+        } else {
+            block.files.push_back(path);
+        }
+        total += static_cast<uint64_t>(st.st_size);
+    });
 
     if (config_.capacity_bytes > 0 && total > config_.capacity_bytes) {
         std::vector<std::pair<int64_t, const std::string*>> order;
@@ -669,6 +658,101 @@ uint64_t PosixStore::evict_pass(bool take, bool wait_for_lease) {
     }
     if (take) ::unlinkat(root_fd_, kLease, 0);
     return freed;
+}
+
+void PosixStore::for_each_file(const std::function<void(const std::string&, const std::string&,
+                                                         const struct stat&)>& visit) const {
+    for (size_t d = 0; d < kDirCount; ++d) {
+        char dir[8];
+        std::snprintf(dir, sizeof(dir), "%03zx", d);
+        int dfd = ::openat(blocks_fd_, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0) continue;
+        DIR* listing = ::fdopendir(dfd);
+        if (listing == nullptr) {
+            ::close(dfd);
+            continue;
+        }
+        while (struct dirent* entry = ::readdir(listing)) {
+            std::string name = entry->d_name;
+            if (name == "." || name == "..") continue;
+            struct stat st;
+            if (::fstatat(dfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) continue;
+            visit(std::string(dir) + "/" + name, name, st);
+        }
+        ::closedir(listing);
+    }
+}
+
+// ---- prewarm -------------------------------------------------------------------------------
+
+void PosixStore::prewarm(uint64_t budget_bytes, int shard) {
+    std::lock_guard<std::mutex> guard(close_mutex_);
+    if (closed_ || budget_bytes == 0) return;
+    {
+        std::lock_guard<std::mutex> lock(prewarm_mutex_);
+        if (prewarm_.running) return;  // one at a time; the first one's budget stands
+        prewarm_ = PrewarmStats{};
+        prewarm_.running = true;
+    }
+    if (prewarmer_.joinable()) prewarmer_.join();
+    prewarmer_ = std::thread([this, budget_bytes, shard] { prewarm_loop(budget_bytes, shard); });
+}
+
+PrewarmStats PosixStore::prewarm_stats() {
+    std::lock_guard<std::mutex> lock(prewarm_mutex_);
+    return prewarm_;
+}
+
+void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
+    // Background work: the lowest CPU priority, so a request's load or compute always runs first.
+    struct sched_param idle {};
+    ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
+    auto started = std::chrono::steady_clock::now();
+    auto publish = [&](uint64_t files, uint64_t bytes, bool running) {
+        std::lock_guard<std::mutex> lock(prewarm_mutex_);
+        prewarm_.files = files;
+        prewarm_.bytes = bytes;
+        prewarm_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+        prewarm_.running = running;
+    };
+
+    // The shard files of this store's blocks, most recently used first (recency is the mtime, as
+    // for eviction). Commit markers and other shards' files are left out.
+    std::string suffix = config_.num_shards > 1 && shard >= 0 ? "." + std::to_string(shard) : "";
+    std::vector<std::pair<int64_t, std::string>> files;
+    for_each_file([&](const std::string& path, const std::string& name, const struct stat& st) {
+        if (name.rfind(".tmp.", 0) == 0 || st.st_size == 0) return;
+        if (config_.num_shards > 1) {
+            if (path.size() > 3 && path.compare(path.size() - 3, 3, ".ok") == 0) return;
+            if (!suffix.empty() && (path.size() < suffix.size() ||
+                                    path.compare(path.size() - suffix.size(), suffix.size(), suffix) != 0)) {
+                return;
+            }
+        }
+        files.emplace_back(mtime_ns(st), path);
+    });
+    std::sort(files.begin(), files.end(), std::greater<>());
+
+    // Reading (rather than read-ahead advice) also marks pages already cached as recently used, so
+    // the kernel keeps them as long as the pages just read.
+    std::vector<uint8_t> buffer(1 << 20);
+    uint64_t done_files = 0;
+    uint64_t done_bytes = 0;
+    for (const auto& [mtime, path] : files) {
+        if (done_bytes >= budget_bytes || prewarm_stop_.load()) break;
+        FdGuard fd{::openat(blocks_fd_, path.c_str(), O_RDONLY | O_CLOEXEC)};
+        if (fd.fd < 0) continue;  // removed meanwhile
+        off_t offset = 0;
+        for (;;) {
+            ssize_t n = ::pread(fd.fd, buffer.data(), buffer.size(), offset);
+            if (n <= 0) break;
+            offset += n;
+        }
+        done_files += 1;
+        done_bytes += static_cast<uint64_t>(offset);
+        publish(done_files, done_bytes, true);
+    }
+    publish(done_files, done_bytes, false);
 }
 
 }  // namespace ucm

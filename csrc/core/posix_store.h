@@ -2,9 +2,12 @@
 // processes and hosts. See docs/store.md for the layout and its guarantees.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -25,6 +28,14 @@ struct PosixConfig {
     bool fsync = false;
 };
 
+// Progress of PosixStore::prewarm.
+struct PrewarmStats {
+    bool running = false;
+    uint64_t files = 0;
+    uint64_t bytes = 0;
+    double seconds = 0;
+};
+
 class PosixStore {
 public:
     // Throws std::invalid_argument naming what is wrong with the configuration or the root.
@@ -43,6 +54,12 @@ public:
     // One pass over the root: removes temporary files of dead writers and, when a capacity is
     // set, the least recently used blocks until the total is at most 90% of it. Returns bytes freed.
     uint64_t evict_now();
+    // Starts reading the store's most recently used shard files back into the OS page cache, newest
+    // first, until `budget_bytes` are read (shard: that shard's files only when num_shards > 1; -1:
+    // all). A background thread at the lowest CPU priority does it; returns at once. Ignored while
+    // one is running.
+    void prewarm(uint64_t budget_bytes, int shard);
+    PrewarmStats prewarm_stats();
     void close();
 
 private:
@@ -71,7 +88,11 @@ private:
     void evictor_loop();
     uint64_t evict_pass(bool take, bool wait_for_lease);
     bool take_lease();
-    bool loaded_since(const std::vector<std::string>& files, int64_t mtime_ns) const;
+    bool loaded_since(const std::vector<std::string>& files, int64_t since_ns) const;
+    // Calls visit(path under blocks/, file name, its stat) for every regular file of the store.
+    void for_each_file(
+        const std::function<void(const std::string&, const std::string&, const struct stat&)>& visit) const;
+    void prewarm_loop(uint64_t budget_bytes, int shard);
     static void touch(int fd);
     static bool is_damage(const std::string& error);
     void discard_damaged(int fd, const std::string& path, const std::string& id);
@@ -90,6 +111,10 @@ private:
     bool stopping_ = false;
     std::atomic<uint64_t> written_since_evict_{0};
     std::thread evictor_;
+    std::mutex prewarm_mutex_;
+    PrewarmStats prewarm_;
+    std::atomic<bool> prewarm_stop_{false};
+    std::thread prewarmer_;
     std::mutex close_mutex_;
     bool closed_ = false;
 };

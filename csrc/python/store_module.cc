@@ -513,6 +513,27 @@ PYBIND11_MODULE(_native, m) {
             py::gil_scoped_release release;
             return s.store().evict_now();
         })
+        .def(
+            "prewarm",
+            [](PyPosixStore& s, uint64_t budget_bytes, int shard) {
+                py::gil_scoped_release release;
+                s.store().prewarm(budget_bytes, shard);
+            },
+            py::arg("budget_bytes"), py::arg("shard"))
+        .def("prewarm_stats",
+             [](PyPosixStore& s) {
+                 ucm::PrewarmStats stats;
+                 {
+                     py::gil_scoped_release release;
+                     stats = s.store().prewarm_stats();
+                 }
+                 py::dict out;
+                 out["running"] = stats.running;
+                 out["files"] = stats.files;
+                 out["bytes"] = stats.bytes;
+                 out["seconds"] = stats.seconds;
+                 return out;
+             })
         .def("close", [](PyPosixStore& s) {
             py::gil_scoped_release release;
             s.store().close();

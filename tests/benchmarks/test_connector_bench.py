@@ -68,3 +68,11 @@ def test_page_in_is_off_by_default_and_reported_when_on():
     warm = bench.Pass("ucm-warm", "ucm", paged_in=[(4 << 20, 0.0), (2 << 20, 1 << 20)])
     line = bench.paged_in_line(bench.parse_args(["--page-in"]), [warm, bench.Pass("none", None)])
     assert "2 times" in line and bench.mib(3 << 20) in line and bench.mib(1 << 19) in line
+
+
+def test_the_report_says_what_ucm_engines_prewarmed():
+    fresh = [bench.Pass(f"ucm-fresh-{i}", "ucm", prewarm=(float(i << 20), 0.5)) for i in (1, 3)]
+    line = bench.prewarm_line(fresh)
+    assert "2 warm and fresh engines" in line and bench.mib(2 << 20) in line and "0.50 s" in line
+    off = bench.prewarm_line([bench.Pass("ucm-warm", "ucm", prewarm=(0.0, 0.0))])
+    assert "read nothing back" in off

@@ -129,7 +129,7 @@ def second_run(tiny_model, stores, first_run, redis_server, tmp_path_factory) ->
         path.mkdir()
     specs = [
         ct.engine("warm32", m, 32, WARM32_PHASES, stores["s32"]),
-        ct.engine("warm128", m, 128, BLOCK128_PHASES, stores["s128"]),
+        ct.engine("warm128", m, 128, BLOCK128_PHASES, stores["s128"], prewarm_bytes=0),
         ct.engine("warm32-chunk32", m, 32, SINGLE_PHASE, stores["chunk32-by-block128"], chunk_tokens=32),
         # The same store at the writer's block size: 32-token chunks of each prompt's last, partial block too.
         ct.engine("warm128-chunk32", m, 128, SINGLE_PHASE, stores["chunk32-by-block128"], chunk_tokens=32),

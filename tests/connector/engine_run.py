@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -153,27 +154,27 @@ def output_record(output) -> dict:
 
 
 @contextlib.contextmanager
-def connector_warnings():
-    """The warnings UCM's connector logs meanwhile, as a list of messages."""
-    import logging
-
-    messages: list[str] = []
+def connector_log():
+    """What UCM's connector logs meanwhile, INFO and up, as a list of (level number, message)."""
+    records: list[tuple[int, str]] = []
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
+            records.append((record.levelno, record.getMessage()))
 
     logger = logging.getLogger("ucm.connector")
-    handler = Collect(logging.WARNING)
+    handler = Collect(logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
-        yield messages
+        yield records
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def run_engine(spec: dict, results) -> dict:
-    from vllm import SamplingParams
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     if spec.get("expect_error"):
@@ -184,13 +185,25 @@ def run_engine(spec: dict, results) -> dict:
         llm.llm_engine.engine_core.shutdown()
         return {"error": None}
 
-    with connector_warnings() as warnings:
+    with connector_log() as log:
         llm = make_engine(spec)
-    result = {
-        "phases": [],
-        "registered_by_plugin": "UcmConnector" in KVConnectorFactory._registry,
-        "warnings": warnings,
-    }
+        result = {
+            "phases": [],
+            "registered_by_plugin": "UcmConnector" in KVConnectorFactory._registry,
+            # Those of the start-up; "log" has everything the connector said while the engine lived.
+            "warnings": [message for level, message in log if level >= logging.WARNING],
+        }
+        try:
+            run_phases(llm, spec, result, results)
+        finally:
+            result["log"] = [message for _, message in log]
+    result["files_at_exit"] = len(block_files(spec.get("store_root")))
+    return result
+
+
+def run_phases(llm, spec: dict, result: dict, results) -> None:
+    from vllm import SamplingParams
+
     watchdog = Watchdog(llm, spec, results)
     watchdog.start()
     try:
@@ -216,8 +229,6 @@ def run_engine(spec: dict, results) -> dict:
         watchdog.stopped.set()
         # Waits for the saves still in flight: the store is complete once the engine is gone.
         llm.llm_engine.engine_core.shutdown()
-    result["files_at_exit"] = len(block_files(spec.get("store_root")))
-    return result
 
 
 class Watchdog(threading.Thread):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from connectortest import HITS, SINGLE, EngineResult, assert_same_outputs, loadable
 
 
@@ -39,3 +41,20 @@ def test_vllm_default_load_failure_policy_is_warned_about(first_run):
     assert '"recompute"' in warned[0] and "error" in warned[0]
     assert policy_warnings("producer") == []  # kv_producer never loads
     assert policy_warnings("cold32") == []  # "recompute"
+
+
+def test_a_fresh_engine_prewarms_its_store_and_says_so(first_run, second_run):
+    """At start-up a loading engine reads the store's most recent chunks back into memory in the
+    background (the first loads after a restart then skip the disk), and logs what it read once that
+    is over; prewarm_bytes 0 turns it off."""
+
+    def prewarm_lines(run: dict, name: str) -> list[str]:
+        return [line for line in EngineResult(run[name]).raw["log"] if "prewarm read" in line]
+
+    lines = prewarm_lines(second_run, "warm32")  # over the store cold32 filled
+    assert len(lines) == 1, lines
+    mib, files = re.search(r"read ([0-9.]+) MiB \((\d+) files\)", lines[0]).groups()
+    # Every block file cold32 left (the budget, this engine's KV cache, holds them all).
+    assert float(mib) > 0 and int(files) == first_run["cold32"]["files_at_exit"]
+    assert prewarm_lines(first_run, "cold32") == []  # its store was empty: nothing to read
+    assert prewarm_lines(second_run, "warm128") == []  # prewarm_bytes 0

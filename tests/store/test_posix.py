@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import random
 import shutil
@@ -456,3 +458,85 @@ def test_evict_now_spares_temp_files_of_a_live_writer(big_roots):
         ids = block_ids(LIVE_WRITER_BLOCKS, "live")
         assert store.lookup(ids) == [True] * len(ids)
         assert load_entries(store, [big_entry(block_id) for block_id in ids[:8]]) == ([], [])
+
+
+# -- prewarm -------------------------------------------------------------------------------------
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PAGE = mmap.PAGESIZE
+
+
+def cached_pages(path: Path) -> int:
+    """Pages of the file that the OS page cache holds now (mincore)."""
+    size = path.stat().st_size
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as view:
+        pages = (size + _PAGE - 1) // _PAGE
+        vector = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        if _LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(byte & 1 for byte in vector)
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if any(cached_pages(path) for path in paths):
+        pytest.skip("this filesystem keeps its files in memory (tmpfs?): nothing for prewarm to read back")
+
+
+def wait_prewarm(store, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (stats := store.prewarm_stats())["running"]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.01)
+    return stats
+
+
+def test_prewarm_reads_the_most_recently_used_blocks_back_within_its_budget(open_test_store, root):
+    # A restarted engine's first loads come from memory for the blocks used last before it stopped.
+    store = open_test_store("posix")
+    entries = make_entries(block_ids(8, "prewarm"), low=BLOCK, high=BLOCK)
+    dump_entries(store, entries)
+    ids = [e[0] for e in entries]
+    age_blocks(root, ids)  # ids[0] the least recently used
+    files = [block_files(root, block_id)[0] for block_id in ids]
+    drop_from_page_cache(files)
+
+    store.prewarm(3 * BLOCK_FILE)
+    stats = wait_prewarm(store)
+
+    assert (stats["files"], stats["bytes"]) == (3, 3 * BLOCK_FILE)
+    pages = (BLOCK_FILE + _PAGE - 1) // _PAGE
+    assert [cached_pages(path) for path in files] == [0] * 5 + [pages] * 3
+    assert load_entries(store, entries) == ([], [])  # reading them back changed nothing
+
+
+def test_prewarm_of_one_shard_reads_only_that_shards_files(open_test_store, root):
+    # Each tensor-parallel rank reads back its own head range, not its neighbours'.
+    store = open_test_store("posix", num_shards=2)
+    entries = make_entries(block_ids(4, "prewarm-shard"), num_shards=2, low=BLOCK, high=BLOCK)
+    dump_entries(store, entries)
+    files = [path for block_id in {e[0] for e in entries} for path in block_files(root, block_id)]
+    assert len(files) == 8
+    drop_from_page_cache(files)
+
+    store.prewarm(1 << 40, shard=1)
+    stats = wait_prewarm(store)
+
+    assert stats["files"] == 4
+    assert {path.suffix: bool(cached_pages(path)) for path in files} == {".0": False, ".1": True}
+
+
+def test_prewarm_budget_must_be_a_non_negative_int(open_test_store):
+    store = open_test_store("posix")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="budget_bytes"):
+            store.prewarm(bad)
+    store.prewarm(0)  # off: nothing runs
+    assert store.prewarm_stats() == {"running": False, "files": 0, "bytes": 0, "seconds": 0.0}

@@ -181,6 +181,16 @@ class KVStore(abc.ABC):
     def prefetch(self, ids: Sequence[bytes]) -> None:  # noqa: B027 - optional hint, no-op by default
         """Hint that these blocks will be loaded soon. May do nothing."""
 
+    def prewarm(self, budget_bytes: int, shard: int | None = None) -> None:  # noqa: B027 - optional, no-op
+        """Start bringing up to ``budget_bytes`` of the most recently used blocks into memory in the
+        background (shard ``shard`` of each block only, where given), so that the first loads after a
+        process starts do not wait for a disk or a network. Returns at once; may do nothing."""
+
+    def prewarm_stats(self) -> dict[str, Any] | None:
+        """Progress of :meth:`prewarm`: ``running``, ``files``, ``bytes``, ``seconds``; None where it does
+        nothing."""
+        return None
+
     @abc.abstractmethod
     def remove(self, ids: Sequence[bytes]) -> None:
         """Remove these blocks (absent ids are ignored)."""

@@ -199,6 +199,13 @@ class MemoryStore(KVStore):
         if self._backend is not None:
             self._backend.prefetch(ids)
 
+    def prewarm(self, budget_bytes: int, shard: int | None = None) -> None:
+        if self._backend is not None:  # what the backend reads faster next time; this tier starts empty
+            self._backend.prewarm(budget_bytes, shard)
+
+    def prewarm_stats(self) -> dict[str, Any] | None:
+        return None if self._backend is None else self._backend.prewarm_stats()
+
     def remove(self, ids: Sequence[bytes]) -> None:
         self._cache.remove(ids)  # also cancels their writes still queued for the backend
         if self._backend is not None:

@@ -62,6 +62,16 @@ class PosixStore(NativeStore):
     def prefetch(self, ids: Sequence[bytes]) -> None:
         self._native.prefetch(ids)
 
+    def prewarm(self, budget_bytes: int, shard: int | None = None) -> None:
+        """Read the most recently used shard files back into the OS page cache, newest first (recency
+        is the file's mtime, as for eviction), on a background thread at the lowest CPU priority."""
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+            raise ValueError(f"store 'posix': prewarm budget_bytes must be an int >= 0, got {budget_bytes!r}")
+        self._native.prewarm(budget_bytes, -1 if shard is None else shard)
+
+    def prewarm_stats(self) -> dict[str, Any]:
+        return self._native.prewarm_stats()
+
     def remove(self, ids: Sequence[bytes]) -> None:
         self._native.remove(ids)
 

@@ -26,6 +26,10 @@ class ConnectorConfig:
     namespace: str | None = None
     #: Load external hits asynchronously (other requests keep running while a load is in flight).
     load_async: bool = True
+    #: At start-up, bytes of the store's most recently used chunks to read back into memory in the
+    #: background (the store's ``prewarm``); default: the size of this engine's KV cache, at most a
+    #: quarter of the memory available; 0 turns it off.
+    prewarm_bytes: int | None = None
     #: Sparse attention for decode (``ucm-sparse``): algorithm, budget, windows, stride (docs/sparse.md).
     sparse: dict[str, Any] | None = None
 
@@ -48,6 +52,9 @@ class ConnectorConfig:
         chunk = extra.get("chunk_tokens")
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
             raise ValueError(f"UcmConnector: 'chunk_tokens' must be a positive integer, got {chunk!r}")
+        prewarm = extra.get("prewarm_bytes")
+        if prewarm is not None and (not isinstance(prewarm, int) or isinstance(prewarm, bool) or prewarm < 0):
+            raise ValueError(f"UcmConnector: 'prewarm_bytes' must be an integer >= 0, got {prewarm!r}")
         if extra.get("sparse") is not None:
             if not isinstance(extra["sparse"], Mapping):
                 raise ValueError("UcmConnector: kv_connector_extra_config 'sparse' must be a dict")

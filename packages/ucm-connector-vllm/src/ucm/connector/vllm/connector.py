@@ -145,6 +145,7 @@ class UcmConnector(KVConnectorBase_V1):
         self._finished_loads: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._idle_step = False
+        self._prewarm_reported = True  # until a prewarm starts (register_kv_caches)
         self._staging: StagingPool | None = None
         self._copy_stream = None  # CUDA caches: the side stream of the copies out of the cache
         self._copying: deque[_Transfer] = deque()  # CUDA saves whose copy out may still run
@@ -368,6 +369,19 @@ class UcmConnector(KVConnectorBase_V1):
             from vllm.distributed import get_tensor_model_parallel_rank
 
             self._shard = get_tensor_model_parallel_rank()
+        self._start_prewarm(kv_caches)
+
+    def _start_prewarm(self, kv_caches: dict[str, Any]) -> None:
+        """Read the store's most recent chunks back into memory in the background, so the first loads
+        after a (re)start are served from memory rather than the disk or the network."""
+        if not self._loads_enabled:
+            return
+        budget = self.config.prewarm_bytes
+        if budget is None:
+            budget = min(_kv_cache_bytes(kv_caches), _available_memory_bytes() // 4)
+        if budget > 0:
+            self.store.prewarm(budget, self._shard if self.tp_size > 1 else None)
+            self._prewarm_reported = False
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._idle_step = forward_context is None or forward_context.attn_metadata is None
@@ -515,6 +529,8 @@ class UcmConnector(KVConnectorBase_V1):
         return copied_in
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if not self._prewarm_reported:
+            self._report_prewarm()
         self._dump_copied(block=False)
         self._reap_saves(block=False)
         # On a step with nothing to compute, waiting for the oldest load costs nothing.
@@ -527,6 +543,40 @@ class UcmConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
+
+    def _report_prewarm(self) -> None:
+        stats = self.store.prewarm_stats()
+        if stats is None or not stats["running"]:
+            self._prewarm_reported = True
+        if stats is not None and not stats["running"] and stats["files"]:
+            log.info(
+                "UcmConnector: prewarm read %.1f MiB (%d files) of the store's most recent chunks in %.2f s",
+                stats["bytes"] / (1 << 20),
+                stats["files"],
+                stats["seconds"],
+            )
+
+
+def _kv_cache_bytes(kv_caches: dict[str, Any]) -> int:
+    """Bytes of the engine's KV cache (layers that share one tensor counted once)."""
+    seen: dict[int, int] = {}
+    for cache in kv_caches.values():
+        for tensor in cache if isinstance(cache, (tuple, list)) else (cache,):
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where it cannot be read: no prewarm by default)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _refuse_packed_cpu_layout(cache: torch.Tensor, block_tokens: int) -> None:
