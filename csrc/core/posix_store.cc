@@ -687,20 +687,19 @@ void PosixStore::for_each_file(const std::function<void(const std::string&, cons
 
 void PosixStore::prewarm(uint64_t budget_bytes, int shard) {
     std::lock_guard<std::mutex> guard(close_mutex_);
-    if (closed_ || budget_bytes == 0) return;
-    {
-        std::lock_guard<std::mutex> lock(prewarm_mutex_);
-        if (prewarm_.running) return;  // one at a time; the first one's budget stands
-        prewarm_ = PrewarmStats{};
-        prewarm_.running = true;
-    }
+    if (closed_ || budget_bytes == 0 || prewarm_running_.load()) return;  // one at a time
     if (prewarmer_.joinable()) prewarmer_.join();
+    prewarm_files_.store(0);
+    prewarm_bytes_.store(0);
+    prewarm_seconds_.store(0);
+    prewarm_running_.store(true);
     prewarmer_ = std::thread([this, budget_bytes, shard] { prewarm_loop(budget_bytes, shard); });
 }
 
-PrewarmStats PosixStore::prewarm_stats() {
-    std::lock_guard<std::mutex> lock(prewarm_mutex_);
-    return prewarm_;
+PrewarmStats PosixStore::prewarm_stats() const {
+    // Atomics, not a lock: the prewarm thread runs at the lowest priority and must never hold up a
+    // caller by being preempted while holding a lock.
+    return {prewarm_running_.load(), prewarm_files_.load(), prewarm_bytes_.load(), prewarm_seconds_.load()};
 }
 
 void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
@@ -708,13 +707,7 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
     struct sched_param idle {};
     ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
     auto started = std::chrono::steady_clock::now();
-    auto publish = [&](uint64_t files, uint64_t bytes, bool running) {
-        std::lock_guard<std::mutex> lock(prewarm_mutex_);
-        prewarm_.files = files;
-        prewarm_.bytes = bytes;
-        prewarm_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-        prewarm_.running = running;
-    };
+    auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(); };
 
     // The shard files of this store's blocks, most recently used first (recency is the mtime, as
     // for eviction). Commit markers and other shards' files are left out.
@@ -750,9 +743,12 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
         }
         done_files += 1;
         done_bytes += static_cast<uint64_t>(offset);
-        publish(done_files, done_bytes, true);
+        prewarm_files_.store(done_files);
+        prewarm_bytes_.store(done_bytes);
+        prewarm_seconds_.store(elapsed());
     }
-    publish(done_files, done_bytes, false);
+    prewarm_seconds_.store(elapsed());
+    prewarm_running_.store(false);
 }
 
 }  // namespace ucm

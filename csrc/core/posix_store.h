@@ -59,7 +59,7 @@ public:
     // all). A background thread at the lowest CPU priority does it; returns at once. Ignored while
     // one is running.
     void prewarm(uint64_t budget_bytes, int shard);
-    PrewarmStats prewarm_stats();
+    PrewarmStats prewarm_stats() const;
     void close();
 
 private:
@@ -111,8 +111,10 @@ private:
     bool stopping_ = false;
     std::atomic<uint64_t> written_since_evict_{0};
     std::thread evictor_;
-    std::mutex prewarm_mutex_;
-    PrewarmStats prewarm_;
+    std::atomic<bool> prewarm_running_{false};
+    std::atomic<uint64_t> prewarm_files_{0};
+    std::atomic<uint64_t> prewarm_bytes_{0};
+    std::atomic<double> prewarm_seconds_{0};
     std::atomic<bool> prewarm_stop_{false};
     std::thread prewarmer_;
     std::mutex close_mutex_;

@@ -522,11 +522,7 @@ PYBIND11_MODULE(_native, m) {
             py::arg("budget_bytes"), py::arg("shard"))
         .def("prewarm_stats",
              [](PyPosixStore& s) {
-                 ucm::PrewarmStats stats;
-                 {
-                     py::gil_scoped_release release;
-                     stats = s.store().prewarm_stats();
-                 }
+                 ucm::PrewarmStats stats = s.store().prewarm_stats();  // atomics: no wait
                  py::dict out;
                  out["running"] = stats.running;
                  out["files"] = stats.files;

@@ -28,7 +28,7 @@ class ConnectorConfig:
     load_async: bool = True
     #: At start-up, bytes of the store's most recently used chunks to read back into memory in the
     #: background (the store's ``prewarm``); default: the size of this engine's KV cache, at most a
-    #: quarter of the memory available; 0 turns it off.
+    #: quarter of the memory available and at most 4 GiB; 0 turns it off.
     prewarm_bytes: int | None = None
     #: Sparse attention for decode (``ucm-sparse``): algorithm, budget, windows, stride (docs/sparse.md).
     sparse: dict[str, Any] | None = None

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ucm.connector.vllm")
 
+#: Default prewarm budget, at most: a hot set of system prompts and documents, without making every
+#: engine start read tens of GiB from a store that many servers share (prewarm_bytes raises it).
+DEFAULT_PREWARM_CAP = 4 << 30
+
 
 @dataclass
 class ChunkJob:
@@ -378,7 +382,7 @@ class UcmConnector(KVConnectorBase_V1):
             return
         budget = self.config.prewarm_bytes
         if budget is None:
-            budget = min(_kv_cache_bytes(kv_caches), _available_memory_bytes() // 4)
+            budget = min(_kv_cache_bytes(kv_caches), _available_memory_bytes() // 4, DEFAULT_PREWARM_CAP)
         if budget > 0:
             self.store.prewarm(budget, self._shard if self.tp_size > 1 else None)
             self._prewarm_reported = False
