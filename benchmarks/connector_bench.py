@@ -1679,26 +1679,11 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         ]
     )
     progress("warm passes: fresh processes over the stores the cold passes filled")
+    warm = {"floor_repeats": settings.floor_repeats, "reloads": settings.reloads, "page_in": settings.page_in}
     passes |= bench.run_phase(
         [
-            Way(
-                "ucm-warm",
-                "ucm",
-                ucm,
-                replay,
-                floor_repeats=settings.floor_repeats,
-                reloads=settings.reloads,
-                page_in=settings.page_in,
-            ),
-            Way(
-                "example-warm",
-                "example",
-                example,
-                replay,
-                floor_repeats=settings.floor_repeats,
-                reloads=settings.reloads,
-                page_in=settings.page_in,
-            ),
+            Way("ucm-warm", "ucm", ucm, replay, **warm),
+            Way("example-warm", "example", example, replay, **warm),
             Way("ucm-new-questions", "ucm", ucm, new, page_in=settings.page_in),
         ]
     )
