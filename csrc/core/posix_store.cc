@@ -52,6 +52,10 @@ std::string to_hex(const std::string& bytes) {
     return out;
 }
 
+bool ends_with(const std::string& text, const std::string& suffix) {
+    return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
 int64_t mtime_ns(const struct stat& st) { return st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec; }
@@ -632,7 +636,7 @@ uint64_t PosixStore::evict_pass(bool take, bool wait_for_lease) {
         BlockFiles& block = blocks[base];
         block.bytes += static_cast<uint64_t>(st.st_size);
         block.mtime_ns = std::max<int64_t>(block.mtime_ns, mtime_ns(st));
-        bool commit_file = path == base || (path.size() > 3 && path.compare(path.size() - 3, 3, ".ok") == 0);
+        bool commit_file = path == base || ends_with(path, ".ok");
         if (commit_file) {
             block.files.insert(block.files.begin(), path);
         } else {
@@ -716,11 +720,7 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
     for_each_file([&](const std::string& path, const std::string& name, const struct stat& st) {
         if (name.rfind(".tmp.", 0) == 0 || st.st_size == 0) return;
         if (config_.num_shards > 1) {
-            if (path.size() > 3 && path.compare(path.size() - 3, 3, ".ok") == 0) return;
-            if (!suffix.empty() && (path.size() < suffix.size() ||
-                                    path.compare(path.size() - suffix.size(), suffix.size(), suffix) != 0)) {
-                return;
-            }
+            if (ends_with(path, ".ok") || (!suffix.empty() && !ends_with(path, suffix))) return;
         }
         files.emplace_back(mtime_ns(st), path);
     });

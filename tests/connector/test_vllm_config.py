@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from connectortest import HITS, SINGLE, EngineResult, assert_same_outputs, loadable
+
+from ucm.connector.vllm.config import ConnectorConfig
 
 
 def test_unknown_extra_config_key_is_named(first_run):
@@ -12,6 +15,22 @@ def test_unknown_extra_config_key_is_named(first_run):
     assert error is not None, "an engine with an unknown kv_connector_extra_config key started"
     assert "'chunk_token'" in error
     assert "chunk_tokens" in error  # the key it was probably meant to be
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("chunk_tokens", 0),
+        ("chunk_tokens", True),
+        ("chunk_tokens", "32"),
+        ("prewarm_bytes", -1),
+        ("prewarm_bytes", 1.5),
+    ],
+)
+def test_bad_integer_setting_is_named(key, value):
+    with pytest.raises(ValueError) as caught:
+        ConnectorConfig.from_extra_config({key: value})
+    assert repr(key) in str(caught.value) and repr(value) in str(caught.value)
 
 
 def test_chunk_tokens_must_divide_the_block_size(first_run):

@@ -14,6 +14,13 @@ def default_store_root() -> str:
     return os.path.join(cache_home, "ucm", "kv")
 
 
+def _check_int(extra: Mapping[str, Any], key: str, minimum: int) -> None:
+    """An optional integer setting (``None``: the default) must be an int, not a bool, and >= ``minimum``."""
+    value = extra.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ValueError(f"UcmConnector: {key!r} must be an integer >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ConnectorConfig:
     #: Name of the store (entry point in ``ucm.stores``).
@@ -49,12 +56,8 @@ class ConnectorConfig:
             )
         if "store_config" in extra and not isinstance(extra["store_config"], Mapping):
             raise ValueError("UcmConnector: kv_connector_extra_config 'store_config' must be a dict")
-        chunk = extra.get("chunk_tokens")
-        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
-            raise ValueError(f"UcmConnector: 'chunk_tokens' must be a positive integer, got {chunk!r}")
-        prewarm = extra.get("prewarm_bytes")
-        if prewarm is not None and (not isinstance(prewarm, int) or isinstance(prewarm, bool) or prewarm < 0):
-            raise ValueError(f"UcmConnector: 'prewarm_bytes' must be an integer >= 0, got {prewarm!r}")
+        _check_int(extra, "chunk_tokens", minimum=1)
+        _check_int(extra, "prewarm_bytes", minimum=0)
         if extra.get("sparse") is not None:
             if not isinstance(extra["sparse"], Mapping):
                 raise ValueError("UcmConnector: kv_connector_extra_config 'sparse' must be a dict")
