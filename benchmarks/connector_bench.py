@@ -19,13 +19,15 @@ machine's load hits every way alike (on a small machine, where they do not fit i
 together, they run one after another).
 
 Then a throughput check without reuse (distinct prompts in one ``generate`` call, five repeats
-interleaved: no connector, UCM, UCM, no connector, ...) and a chunked-prefill run (one long prompt,
+interleaved: no connector, UCM, UCM, no connector, ...), a cold check (six more documents prefilled
+cold by a second pair of engines, without and with UCM, taking turns: the cost of saving rests on
+nine prefills per way rather than the cold pass's three) and a chunked-prefill run (one long prompt,
 a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm outputs must
 equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) a run takes about 14 minutes on 2 idle cores
-with native bf16 and about 30 minutes in float32 on an AVX2-only CPU; ``--quick`` (tiny model,
+(random weights, ~100M parameters, built offline) a run takes about 18 minutes on 2 idle cores
+with native bf16 and about 38 minutes in float32 on an AVX2-only CPU; ``--quick`` (tiny model,
 short documents) is a smoke test of 3-6 minutes.
 
 Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
@@ -93,8 +95,9 @@ ROW_COUNTERS = (
 )
 HITS = "vllm:external_prefix_cache_hits"
 FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above which its time is flagged
-#: Engine processes of a run besides the extra fresh ones: 3 cold, 3 warm, 2 for throughput, 4 for chunked prefill.
-ENGINES_PER_RUN = 12
+#: Engine processes of a run besides the extra fresh ones: 3 cold, 3 warm, 2 for throughput, 2 for the cold
+#: check, 4 for chunked prefill.
+ENGINES_PER_RUN = 14
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class Settings:
     block_size: int = DEFAULT_BLOCK_TOKENS
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 6  # warm passes: loads again of each document's first prompt, each paired with its repeat
+    cold_docs: int = 6  # cold check: more documents, each prefilled once with and once without UCM
     fresh: int = 8  # more fresh processes per connector, each loading every document's first prompt once
     dtype: str = "auto"
     markdown: str | None = None
@@ -148,6 +152,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         type=int,
         help="more fresh warm processes per connector, each loading every document's first prompt once "
         "(default: 8; 2 with --quick)",
+    )
+    parser.add_argument(
+        "--cold-docs",
+        type=int,
+        help="cold check: more documents, each prefilled cold by a fresh pair of engines, without and with UCM, "
+        "to measure what saving costs over more prefills than the cold pass has (default: 6; 1 with --quick)",
     )
     parser.add_argument(
         "--dtype",
@@ -192,11 +202,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         page_in=args.page_in,
     )
     if quick:
-        settings.reloads, settings.fresh = 2, 2
+        settings.reloads, settings.fresh, settings.cold_docs = 2, 2, 1
     if args.reloads is not None:
         settings.reloads = args.reloads
     if args.fresh is not None:
         settings.fresh = args.fresh
+    if args.cold_docs is not None:
+        settings.cold_docs = args.cold_docs
     if quick:
         settings.chunk_budget = 512
         settings.tput_prompt_tokens = 500
@@ -207,6 +219,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
             "--docs, --questions and --repeats must be at least 1, "
             f"--doc-tokens at least twice the block size ({2 * settings.block_size})"
         )
+    if settings.cold_docs < 0:
+        parser.error(f"--cold-docs must be 0 or more, not {settings.cold_docs}")
     return settings
 
 
@@ -327,6 +341,7 @@ class Workload:
     prompts: list[Prompt]  # document-major: every question of document 0, then document 1, ...
     new_questions: list[Prompt]  # other questions about the same documents
     chunked: list[int]  # one long prompt for the chunked-prefill run
+    cold_check: list[list[int]]  # one prompt per document of the cold check (documents of their own)
     throughput: list[list[list[int]]]  # per repeat, distinct prompts
     kv_bytes_per_token: int
     model_info: str
@@ -448,8 +463,12 @@ def build_workload(settings: Settings, model: str) -> Workload:
         ]
         for r in range(settings.repeats)
     ]
+    cold_check = []
+    for i in range(settings.cold_docs):
+        doc = document(random.Random(2_000_000 + i), settings.doc_tokens)
+        cold_check.append(doc + question(rng, 1, doc))
     per_token, info = model_shape(model, settings.dtype)
-    return Workload(prompts, new_questions, chunked, throughput, per_token, info)
+    return Workload(prompts, new_questions, chunked, cold_check, throughput, per_token, info)
 
 
 def warmup_prompt(label: str, length: int = 200) -> list[int]:
@@ -1145,6 +1164,22 @@ def foreign_summary(values: Sequence[float]) -> str:
     return f"{mean(measured):.2f} / {max(measured):.2f}" if measured else "n/a"
 
 
+def cold_prefills(passes: dict[str, Pass], first_sight: Sequence[int]) -> list[tuple[str, float, float]]:
+    """Every cold prefill of a document measured both ways: ``(document, seconds without a connector, seconds
+    with UCM)``, from the cold pass (its prompts at ``first_sight``) and the cold check, where each ran."""
+    none, ucm = passes["none"], passes["ucm-cold"]
+    rows = [
+        (f"cold pass, document {n + 1}", none.rows[i]["ttft"], ucm.rows[i]["ttft"]) for n, i in enumerate(first_sight)
+    ]
+    check_none, check_ucm = passes.get("cold-check-none"), passes.get("cold-check-ucm")
+    if check_none and check_ucm and not (check_none.error or check_ucm.error):
+        rows += [
+            (f"cold check, document {n + 1}", a["ttft"], b["ttft"])
+            for n, (a, b) in enumerate(zip(check_none.rows, check_ucm.rows, strict=True))
+        ]
+    return rows
+
+
 def verdict(ok: bool, value: float) -> str:
     return "n/a" if math.isnan(value) else ("met" if ok else "MISSED")
 
@@ -1415,6 +1450,26 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
             return math.nan
         return ratio(mean(ucm_cold.values(only=only)), mean(none.values(only=only))) - 1
 
+    prefills = cold_prefills(passes, first_sight if ok(ucm_cold, none) else [])
+    cold_none, cold_ucm = [row[1] for row in prefills], [row[2] for row in prefills]
+    cost_prefills = ratio(mean(cold_ucm), mean(cold_none)) - 1
+    cost_bounds = ratio_interval(cold_ucm, cold_none)
+    out += [
+        f"### Cold prefills of a document, without and with UCM ({len(prefills)} documents of the cold pass and "
+        "the cold check)",
+        "",
+        "What saving costs: each document's first prompt prefilled cold (nothing cached anywhere) by an engine without "
+        "a connector and by one with UCM over an empty store, which saves it. The cold check's documents run in a "
+        "second pair of fresh engines, the two taking turns, each first in turn.",
+        "",
+        table(
+            ["document", "no connector (s)", "UcmConnector (s)", "UCM vs no connector"],
+            [[name, seconds(a), seconds(b), change(ratio(b, a) - 1)] for name, a, b in prefills]
+            + [["mean", seconds(mean(cold_none)), seconds(mean(cold_ucm)), change(cost_prefills)]],
+        ),
+        "",
+    ]
+
     def same(p: Pass, key: str) -> str:
         if not ok(p, none):
             return "n/a"
@@ -1446,16 +1501,17 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
             verdict(fresh_ratio <= TARGET_OVERHEAD_RATIO, fresh_ratio),
         ],
         [
-            "UCM cold TTFT vs no connector, all prompts",
-            change(cost_all),
+            f"UCM cold TTFT vs no connector: every cold prefill of a document ({len(prefills)}: the cold pass's "
+            "first prompts and the cold check's; 90% bootstrap interval)",
+            f"{change(cost_prefills)} ({change(cost_bounds[0] - 1)} to {change(cost_bounds[1] - 1)})",
             f"<= +{100 * TARGET_COLD_COST:.0f}%",
-            verdict(cost_all <= TARGET_COLD_COST, cost_all),
+            verdict(cost_prefills <= TARGET_COLD_COST, cost_prefills),
         ],
         [
-            "UCM cold TTFT vs no connector, first prompt of each document",
-            change(cost_first),
-            f"<= +{100 * TARGET_COLD_COST:.0f}%",
-            verdict(cost_first <= TARGET_COLD_COST, cost_first),
+            "UCM cold TTFT vs no connector, the cold pass alone: all prompts / first prompt of each document",
+            f"{change(cost_all)} / {change(cost_first)}",
+            "",
+            "",
         ],
         [
             "throughput without reuse, UCM vs no connector",
@@ -1709,6 +1765,19 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         shutil.rmtree(store, ignore_errors=True)
 
     tput = bench.throughput()
+
+    if workload.cold_check:
+        # The cold pass has one 8k-token prefill per document and way, and single prefills on this
+        # kind of machine vary by several percent from one to the next (the host's load comes and
+        # goes), as much as the target on the cost of saving. A second pair of engines prefills
+        # more documents, taking turns, so the estimate rests on more prefills and two processes per way.
+        progress(f"cold check: {len(workload.cold_check)} more documents, without and with UCM, taking turns")
+        check_store = bench.store("store-cold-check")
+        firsts = [[prompt] for prompt in workload.cold_check]
+        passes |= bench.run_phase(
+            [Way("cold-check-none", None, None, firsts), Way("cold-check-ucm", "ucm", check_store, firsts)]
+        )
+        shutil.rmtree(check_store, ignore_errors=True)
 
     progress(f"chunked prefill: one {len(workload.chunked)}-token prompt, {settings.chunk_budget} tokens per step")
     stores = {way: bench.store(f"store-chunked-{way}") for way in ("ucm", "example")}

@@ -9,15 +9,17 @@ import pytest
 def test_no_prompt_ends_on_or_one_token_past_a_block_boundary(tiny_model):
     # One past: ExampleConnector could never hit the prompt (its save and its lookup round to
     # different whole blocks); on the boundary: a whole block would be computed behind the cached
-    # prefix. Either would skew the overhead comparison. (Without the rule, some of these 65
+    # prefix. Either would skew the overhead comparison. (Without the rule, some of these 70
     # prompts do end there.)
     block = 32
     settings = bench.parse_args(
         ["--docs", "4", "--questions", "8", "--doc-tokens", "300", "--block-size", str(block), "--dtype", "float32"]
+        + ["--cold-docs", "5"]
     )
     workload = bench.build_workload(settings, tiny_model)
     prompts = [p.tokens for p in workload.prompts + workload.new_questions] + [workload.chunked]
-    assert len(prompts) == 65
+    prompts += workload.cold_check
+    assert len(prompts) == 70
     tails = [len(tokens) % block for tokens in prompts]
     assert all(tail not in (0, 1) for tail in tails), tails
     # The questions still differ in length: the rule redraws a question, it does not pad prompts.
@@ -76,3 +78,50 @@ def test_the_report_says_what_ucm_engines_prewarmed():
     assert "2 warm and fresh engines" in line and bench.mib(2 << 20) in line and "0.50 s" in line
     off = bench.prewarm_line([bench.Pass("ucm-warm", "ucm", prewarm=(0.0, 0.0))])
     assert "read nothing back" in off
+
+
+def test_the_cold_check_prefills_documents_of_its_own(tiny_model):
+    # Its documents must be new to both engines: one seen before would be a prefix-cache or store
+    # hit, not the cold prefill whose cost the check measures.
+    settings = bench.parse_args(["--docs", "2", "--doc-tokens", "300", "--cold-docs", "3", "--dtype", "float32"])
+    workload = bench.build_workload(settings, tiny_model)
+    heads = {tuple(p[:300]) for p in workload.cold_check}
+    assert len(heads) == 3
+    assert not heads & {tuple(p.tokens[:300]) for p in workload.prompts}
+    assert not heads & {tuple(workload.chunked[:300])}
+    assert all(len(p) > 300 for p in workload.cold_check)  # a document and its question
+
+
+def test_cold_docs_defaults_and_bad_values():
+    assert bench.parse_args([]).cold_docs == 6
+    assert bench.parse_args(["--quick"]).cold_docs == 1
+    assert bench.parse_args(["--cold-docs", "0"]).cold_docs == 0
+
+
+def test_a_negative_cold_docs_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cold-docs", "-1"])
+    assert "--cold-docs must be 0 or more" in capsys.readouterr().err
+
+
+def test_the_cost_of_saving_pools_the_cold_pass_and_the_cold_check():
+    def rows(*seconds):
+        return [{"ttft": value} for value in seconds]
+
+    # Two documents, two questions each: the first prompts are rows 0 and 2.
+    passes = {
+        "none": bench.Pass("none", None, rows(40.0, 0.5, 44.0, 0.5)),
+        "ucm-cold": bench.Pass("ucm-cold", "ucm", rows(41.0, 0.6, 43.0, 0.6)),
+        "cold-check-none": bench.Pass("cold-check-none", None, rows(42.0)),
+        "cold-check-ucm": bench.Pass("cold-check-ucm", "ucm", rows(42.5)),
+    }
+    pooled = bench.cold_prefills(passes, [0, 2])
+    assert [(a, b) for _, a, b in pooled] == [(40.0, 41.0), (44.0, 43.0), (42.0, 42.5)]
+    assert [name for name, _, _ in pooled] == [
+        "cold pass, document 1",
+        "cold pass, document 2",
+        "cold check, document 1",
+    ]
+    # A cold check that failed leaves the cold pass's prefills alone.
+    passes["cold-check-ucm"].error = "engine died"
+    assert len(bench.cold_prefills(passes, [0, 2])) == 2
