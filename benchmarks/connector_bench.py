@@ -20,7 +20,8 @@ together, they run one after another).
 
 Then a throughput check without reuse (distinct prompts in one ``generate`` call, five repeats
 interleaved: no connector, UCM, UCM, no connector, ...), a cold check (six more documents prefilled
-cold by a second pair of engines, without and with UCM, taking turns: the cost of saving rests on
+cold by a second pair of engines, without and with UCM, taking turns where they fit in memory
+together: the cost of saving rests on
 nine prefills per way rather than the cold pass's three) and a chunked-prefill run (one long prompt,
 a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm outputs must
 equal cold ones; a connector that fails is reported, and the run goes on.
@@ -156,7 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "--cold-docs",
         type=int,
-        help="cold check: more documents, each prefilled cold by a fresh pair of engines, without and with UCM, "
+        help="cold check: more documents, prefilled cold by a second pair of fresh engines, without and with UCM, "
         "to measure what saving costs over more prefills than the cold pass has (default: 6; 1 with --quick)",
     )
     parser.add_argument(
@@ -465,7 +466,7 @@ def build_workload(settings: Settings, model: str) -> Workload:
     ]
     cold_check = []
     for i in range(settings.cold_docs):
-        doc = document(random.Random(2_000_000 + i), settings.doc_tokens)
+        doc = document(random.Random(f"cold-check-{i}"), settings.doc_tokens)  # no other part's seed
         cold_check.append(doc + question(rng, 1, doc))
     per_token, info = model_shape(model, settings.dtype)
     return Workload(prompts, new_questions, chunked, cold_check, throughput, per_token, info)
@@ -1193,14 +1194,23 @@ def times(value: float) -> str:
 
 
 def ratio_interval(
-    a: Sequence[float], b: Sequence[float], draws: int = 4000, level: float = 0.9
+    a: Sequence[float], b: Sequence[float], draws: int = 4000, level: float = 0.9, paired: bool = False
 ) -> tuple[float, float]:
     """A bootstrap interval of mean(a) / mean(b): both samples redrawn with replacement, ``level`` of the
-    ratios inside. Loads are independent requests, so this is how far another run of as many loads may land."""
+    ratios inside. Loads are independent requests, so this is how far another run of as many loads may land.
+    ``paired``: a[i] and b[i] measured the same thing side by side (one document, both ways), so pairs are
+    redrawn together."""
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
     rng = random.Random(0)  # the same interval for the same figures
-    ratios = sorted(ratio(mean(rng.choices(a, k=len(a))), mean(rng.choices(b, k=len(b)))) for _ in range(draws))
+
+    def draw() -> float:
+        if paired:
+            picks = rng.choices(range(len(a)), k=len(a))
+            return ratio(mean([a[i] for i in picks]), mean([b[i] for i in picks]))
+        return ratio(mean(rng.choices(a, k=len(a))), mean(rng.choices(b, k=len(b))))
+
+    ratios = sorted(draw() for _ in range(draws))
     ratios = [r for r in ratios if not math.isnan(r)]
     if not ratios:
         return math.nan, math.nan
@@ -1453,14 +1463,14 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
     prefills = cold_prefills(passes, first_sight if ok(ucm_cold, none) else [])
     cold_none, cold_ucm = [row[1] for row in prefills], [row[2] for row in prefills]
     cost_prefills = ratio(mean(cold_ucm), mean(cold_none)) - 1
-    cost_bounds = ratio_interval(cold_ucm, cold_none)
+    cost_bounds = ratio_interval(cold_ucm, cold_none, paired=True)
+    parts = [f"the {part}" for part in ("cold pass", "cold check") if any(row[0].startswith(part) for row in prefills)]
     out += [
-        f"### Cold prefills of a document, without and with UCM ({len(prefills)} documents of the cold pass and "
-        "the cold check)",
+        f"### Cold prefills of a document, without and with UCM ({len(prefills)} documents: {' and '.join(parts)})",
         "",
         "What saving costs: each document's first prompt prefilled cold (nothing cached anywhere) by an engine without "
         "a connector and by one with UCM over an empty store, which saves it. The cold check's documents run in a "
-        "second pair of fresh engines, the two taking turns, each first in turn.",
+        "second pair of fresh engines, the two taking turns (where they fit in memory together), each first in turn.",
         "",
         table(
             ["document", "no connector (s)", "UcmConnector (s)", "UCM vs no connector"],
@@ -1503,7 +1513,9 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         [
             f"UCM cold TTFT vs no connector: every cold prefill of a document ({len(prefills)}: the cold pass's "
             "first prompts and the cold check's; 90% bootstrap interval)",
-            f"{change(cost_prefills)} ({change(cost_bounds[0] - 1)} to {change(cost_bounds[1] - 1)})",
+            f"{change(cost_prefills)} ("
+            + ("n/a" if math.isnan(cost_bounds[0]) else f"{change(cost_bounds[0] - 1)} to {change(cost_bounds[1] - 1)}")
+            + ")",
             f"<= +{100 * TARGET_COLD_COST:.0f}%",
             verdict(cost_prefills <= TARGET_COLD_COST, cost_prefills),
         ],
@@ -1676,7 +1688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = settings.workdir or tempfile.mkdtemp(prefix="ucm-connector-bench-")
     os.makedirs(workdir, exist_ok=True)
-    pool = EnginePool(workdir, ENGINES_PER_RUN + 2 * settings.fresh)
+    pool = EnginePool(workdir, ENGINES_PER_RUN - 2 * (settings.cold_docs == 0) + 2 * settings.fresh)
     pool.prepare()  # imports vLLM while the model is built
     try:
         return run(settings, header, pool)

@@ -89,6 +89,8 @@ def test_the_cold_check_prefills_documents_of_its_own(tiny_model):
     assert len(heads) == 3
     assert not heads & {tuple(p.tokens[:300]) for p in workload.prompts}
     assert not heads & {tuple(workload.chunked[:300])}
+    # Nor a throughput prompt (1000 tokens here): the first 300 tokens of each must differ.
+    assert not {tuple(p[:300]) for p in workload.cold_check} & {tuple(p[:300]) for b in workload.throughput for p in b}
     assert all(len(p) > 300 for p in workload.cold_check)  # a document and its question
 
 
@@ -125,3 +127,14 @@ def test_the_cost_of_saving_pools_the_cold_pass_and_the_cold_check():
     # A cold check that failed leaves the cold pass's prefills alone.
     passes["cold-check-ucm"].error = "engine died"
     assert len(bench.cold_prefills(passes, [0, 2])) == 2
+
+
+def test_paired_prefills_give_a_paired_interval():
+    # Each document is slower or faster for both ways alike; UCM is 1 s slower on every one. Redrawn
+    # as pairs, the interval sees that; redrawn apart, the spread between documents hides it.
+    none = [40.0, 44.0, 42.0, 46.0, 41.0, 45.0]
+    ucm = [t + 1.0 for t in none]
+    low, high = bench.ratio_interval(ucm, none, paired=True)
+    assert 1.0 < low <= high < 1.04
+    low, high = bench.ratio_interval(ucm, none)
+    assert low < 1.0 < high
