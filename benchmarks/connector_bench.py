@@ -21,15 +21,15 @@ together, they run one after another).
 Then a throughput check without reuse (distinct prompts in one ``generate`` call, five repeats
 interleaved: no connector, UCM, UCM, no connector, ...), a cold check (six more documents prefilled
 cold by a second pair of engines, without and with UCM, taking turns where they fit in memory
-together: the cost of saving rests on
-nine prefills per way rather than the cold pass's three) and a chunked-prefill run (one long prompt,
-a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm outputs must
-equal cold ones; a connector that fails is reported, and the run goes on.
+together: the cost of saving rests on nine prefills per way rather than the cold pass's three) and
+a chunked-prefill run (one long prompt, a small ``max_num_batched_tokens``) through both
+connectors, cold and warm, where warm outputs must equal cold ones; a connector that fails is
+reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) a run takes about 18 minutes on 2 idle cores
-with native bf16 and about 38 minutes in float32 on an AVX2-only CPU; ``--quick`` (tiny model,
-short documents) is a smoke test of 3-6 minutes.
+(random weights, ~100M parameters, built offline) a run takes about 34 minutes in float32 on an
+AVX2-only CPU with 2 idle cores (about 14 minutes with native bf16 before the cold check was
+added); ``--quick`` (tiny model, short documents) is a smoke test of 3-6 minutes.
 
 Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
 that no prompt ends 0 or 1 token past a block boundary: see DEFAULT_BLOCK_TOKENS and
