@@ -17,7 +17,7 @@ std::string taken_key(const std::string& id, uint32_t shard) {
 
 }  // namespace
 
-MemoryCache::MemoryCache(MemoryConfig config) : config_(config), pool_(config.threads) {}
+MemoryCache::MemoryCache(MemoryConfig config) : config_(config), pool_(config.threads, "ucm-memory") {}
 
 MemoryCache::~MemoryCache() {
     close();

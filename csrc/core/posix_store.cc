@@ -2,8 +2,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -152,7 +150,10 @@ uint64_t host_hash() {
 
 }  // namespace
 
-PosixStore::PosixStore(PosixConfig config) : config_(std::move(config)), pool_(config_.threads) {
+PosixStore::PosixStore(PosixConfig config)
+    : config_(std::move(config)),
+      pool_(config_.threads, "ucm-posix-io"),
+      save_pool_(config_.threads, "ucm-posix-save", true) {
     if (config_.num_shards == 0) throw std::invalid_argument("num_shards must be at least 1");
     root_fd_ = ::open(config_.root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (root_fd_ < 0) throw std::invalid_argument("cannot open root " + config_.root + ": " + errno_text(errno));
@@ -188,7 +189,10 @@ PosixStore::PosixStore(PosixConfig config) : config_(std::move(config)), pool_(c
     }
     if (config_.capacity_bytes > 0) {
         evict_requested_ = true;  // enforce the capacity and clean up once at start
-        evictor_ = std::thread([this] { evictor_loop(); });
+        evictor_ = std::thread([this] {
+            name_this_thread("ucm-posix-evict");
+            evictor_loop();
+        });
     }
 }
 
@@ -206,6 +210,7 @@ void PosixStore::close() {
     if (evictor_.joinable()) evictor_.join();
     prewarm_stop_.store(true);
     if (prewarmer_.joinable()) prewarmer_.join();
+    save_pool_.shutdown();
     pool_.shutdown();
     ::close(blocks_fd_);
     ::close(root_fd_);
@@ -268,7 +273,9 @@ size_t PosixStore::lookup_prefix(const std::vector<std::string>& ids) {
 // ---- dump ----------------------------------------------------------------------------------
 
 TaskPtr PosixStore::dump(std::vector<ShardIO> items) {
-    return run_items(pool_, std::move(items), [this](const ShardIO& item) { return dump_one(item); });
+    // Saves run on their own threads at the lowest CPU priority: nothing waits on them but the
+    // staging memory, so a forward pass that wants every core gets them first.
+    return run_items(save_pool_, std::move(items), [this](const ShardIO& item) { return dump_one(item); });
 }
 
 int PosixStore::open_tmp(const std::string& dir, std::string* tmp_name) {
@@ -708,8 +715,8 @@ PrewarmStats PosixStore::prewarm_stats() const {
 
 void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
     // Background work: the lowest CPU priority, so a request's load or compute always runs first.
-    struct sched_param idle {};
-    ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
+    name_this_thread("ucm-prewarm");
+    make_this_thread_background();
     auto started = std::chrono::steady_clock::now();
     auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(); };
 

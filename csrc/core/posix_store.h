@@ -103,7 +103,8 @@ private:
     int root_fd_ = -1;
     std::string tmp_prefix_;
     std::atomic<uint64_t> tmp_seq_{0};
-    ThreadPool pool_;
+    ThreadPool pool_;       // loads, lookups, removals
+    ThreadPool save_pool_;  // dumps, at the lowest CPU priority
 
     std::mutex evict_mutex_;
     std::condition_variable evict_cv_;

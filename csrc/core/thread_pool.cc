@@ -1,15 +1,35 @@
 #include "thread_pool.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
 #include <memory>
 
 namespace ucm {
 
-ThreadPool::ThreadPool(size_t threads) {
+void name_this_thread(const std::string& name) {
+#if defined(__linux__)
+    ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str());
+#elif defined(__APPLE__)
+    ::pthread_setname_np(name.c_str());
+#endif
+}
+
+bool make_this_thread_background() {
+#if defined(SCHED_IDLE)
+    struct sched_param idle {};
+    return ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle) == 0;
+#else
+    return false;
+#endif
+}
+
+ThreadPool::ThreadPool(size_t threads, std::string name, bool background) : name_(std::move(name)) {
     threads = std::max<size_t>(threads, 1);
     workers_.reserve(threads);
-    for (size_t i = 0; i < threads; ++i) workers_.emplace_back([this] { run(); });
+    for (size_t i = 0; i < threads; ++i) workers_.emplace_back([this, background] { run(background); });
 }
 
 ThreadPool::~ThreadPool() { shutdown(); }
@@ -73,7 +93,9 @@ void ThreadPool::shutdown() {
     for (std::thread& worker : workers_) worker.join();
 }
 
-void ThreadPool::run() {
+void ThreadPool::run(bool background) {
+    name_this_thread(name_);
+    if (background) make_this_thread_background();
     for (;;) {
         std::function<void()> job;
         {

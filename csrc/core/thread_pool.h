@@ -6,14 +6,25 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 namespace ucm {
 
+// Names the calling thread (as `top -H` and `ps -L` show it; cut to 15 characters).
+void name_this_thread(const std::string& name);
+
+// Moves the calling thread to the lowest CPU priority (SCHED_IDLE where the OS has it): it runs
+// only on a core that nothing else wants, so background work never slows a forward pass that
+// needs every core. Lowering is always allowed; returns whether it took effect.
+bool make_this_thread_background();
+
 class ThreadPool {
 public:
-    explicit ThreadPool(size_t threads);
+    // `name`: the workers' thread name. `background`: the workers run at the lowest CPU priority
+    // (make_this_thread_background), for work nobody waits on while the machine is busy.
+    explicit ThreadPool(size_t threads, std::string name = "ucm-pool", bool background = false);
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
     ThreadPool& operator=(const ThreadPool&) = delete;
@@ -32,12 +43,13 @@ public:
     void shutdown();
 
 private:
-    void run();
+    void run(bool background);
 
     std::mutex mutex_;
     std::condition_variable cv_;
     std::deque<std::function<void()>> jobs_;
     std::vector<std::thread> workers_;
+    std::string name_;
     bool stopping_ = false;
 };
 

@@ -447,7 +447,7 @@ private:
 };
 
 ucm::ThreadPool& copy_pool() {
-    static ucm::ThreadPool pool(std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16) - 1);
+    static ucm::ThreadPool pool(std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16) - 1, "ucm-copy");
     return pool;
 }
 

@@ -68,7 +68,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     """Store roots by name; each starts absent (the store creates it)."""
     base = tmp_path_factory.mktemp("stores")
     names = ["s32", "s128", "chunk32-by-block128", "producer", "empty", "module-path"]
-    names += DAMAGED + ["sync", "staged", "corrupt-concurrent"]
+    names += DAMAGED + ["sync", "staged", "corrupt-concurrent", "backlog"]
     return {name: base / name for name in names}
 
 
@@ -83,6 +83,11 @@ COLD32_PHASES = [
 WARM32_PHASES = [p if p["name"] != "doc" else ct.phase("doc", [ct.DOC_OTHER_QUESTION]) for p in COLD32_PHASES]
 BLOCK128_PHASES = [ct.phase("single", ct.SINGLE), ct.phase("concurrent", ct.CONCURRENT, together=True)]
 SINGLE_PHASE = [ct.phase("single", ct.SINGLE)]
+#: The concurrent prompts computed in one step (the token budget holds them all): one save per request.
+CONCURRENT_IN_ONE_STEP = {
+    "phases": [ct.phase("concurrent", ct.CONCURRENT, together=True)],
+    "max_num_batched_tokens": 2048,
+}
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +104,8 @@ def first_run(tiny_model, stores, redis_server, tmp_path_factory) -> dict[str, d
         ct.engine("producer", m, 32, SINGLE_PHASE, stores["producer"], role="kv_producer", failure_policy="fail"),
         ct.engine("consumer-empty", m, 32, SINGLE_PHASE, stores["empty"], role="kv_consumer"),
         ct.engine("redis-cold", m, 32, SINGLE_PHASE, failure_policy="fail", **ct.on_redis(redis_server, "engines:")),
+        # No room for a second save while one is in flight: all but the first request's are skipped.
+        ct.engine("backlog-cold", m, 32, [], stores["backlog"], save_backlog_bytes=0) | CONCURRENT_IN_ONE_STEP,
         ct.engine("unknown-key", m, 32, [], stores["empty"], chunk_token=32, expect_error=True),
         ct.engine("chunk-not-dividing", m, 32, [], stores["empty"], chunk_tokens=24, expect_error=True),
     ]
@@ -161,6 +168,7 @@ def second_run(tiny_model, stores, first_run, redis_server, tmp_path_factory) ->
         ct.engine("truncated-race", m, 32, SINGLE_PHASE, stores["truncated-race"], sabotage="truncate"),
         ct.engine("deleted-race", m, 32, SINGLE_PHASE, stores["deleted-race"], sabotage="delete"),
         ct.engine("wiped-half", m, 32, SINGLE_PHASE, stores["wiped-half"]),
+        ct.engine("backlog-warm", m, 32, [], stores["backlog"]) | CONCURRENT_IN_ONE_STEP,
         # Another engine process on the Redis server the cold one wrote to.
         ct.engine("redis-warm", m, 32, SINGLE_PHASE, **ct.on_redis(redis_server, "engines:")),
         # Last: the server restarts (empty) between the first lookup that hits and its load.

@@ -28,6 +28,7 @@ HITS = "vllm:external_prefix_cache_hits"
 LOADED = "vllm:ucm_loaded_chunks"
 LOAD_FAILURES = "vllm:ucm_load_failures"
 SAVED = "vllm:ucm_saved_chunks"
+SAVE_SKIPPED = "vllm:ucm_save_skipped"
 LOOKUP_HITS = "vllm:ucm_hit_chunks"
 
 

@@ -25,6 +25,8 @@ def test_unknown_extra_config_key_is_named(first_run):
         ("chunk_tokens", "32"),
         ("prewarm_bytes", -1),
         ("prewarm_bytes", 1.5),
+        ("save_backlog_bytes", -1),
+        ("save_backlog_bytes", "1GiB"),
     ],
 )
 def test_bad_integer_setting_is_named(key, value):

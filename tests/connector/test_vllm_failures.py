@@ -8,6 +8,8 @@ from connectortest import (
     HITS,
     LOAD_FAILURES,
     LOADED,
+    SAVE_SKIPPED,
+    SAVED,
     SINGLE,
     EngineResult,
     assert_same_outputs,
@@ -75,3 +77,28 @@ def test_blocks_deleted_before_the_engine_starts_are_misses(first_run, second_ru
     assert run.metric("single", LOADED) == run.metric("single", HITS) // 32
     # The engine stores again what it had to compute.
     assert run.files_at_exit == distinct_chunks(SINGLE, 32)
+
+
+def test_saves_beyond_the_backlog_are_skipped_and_recomputed_later(first_run, second_run):
+    """A store that falls behind costs later misses, never memory without bound or a wrong output.
+
+    With ``save_backlog_bytes: 0`` no save starts while another is in flight: of the four requests
+    computed in one step, only the first one's chunks are saved."""
+    cold = EngineResult(first_run["backlog-cold"])
+    first_chunks = len(CONCURRENT[0]) // 32
+    assert cold.metric("concurrent", SAVED) == first_chunks
+    assert cold.metric("concurrent", SAVE_SKIPPED) == sum(len(p) // 32 for p in CONCURRENT[1:])
+    assert cold.files_at_exit == first_chunks
+    assert any("save_backlog_bytes" in line and "not saved" in line for line in cold.raw["log"])
+    # A fresh engine finds what was saved, recomputes the rest with the same outputs, and saves it.
+    warm = EngineResult(second_run["backlog-warm"])
+    assert_same_outputs(warm, cold, "concurrent")
+    saved = {tuple(CONCURRENT[0][: (i + 1) * 32]) for i in range(first_chunks)}
+    leading = [
+        next((i for i in range(loadable(p, 32) // 32) if tuple(p[: (i + 1) * 32]) not in saved), loadable(p, 32) // 32)
+        for p in CONCURRENT
+    ]
+    assert leading[-1] == 0  # the last prompt shares nothing with the first: all of it is recomputed
+    assert warm.metric("concurrent", LOADED) == sum(leading)
+    assert warm.metric("concurrent", SAVE_SKIPPED) == 0
+    assert warm.files_at_exit == distinct_chunks(CONCURRENT, 32)

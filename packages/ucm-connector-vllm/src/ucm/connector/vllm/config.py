@@ -37,6 +37,11 @@ class ConnectorConfig:
     #: background (the store's ``prewarm``); default: the size of this engine's KV cache, at most a
     #: quarter of the memory available and at most 4 GiB; 0 turns it off.
     prewarm_bytes: int | None = None
+    #: Bytes of chunks copied out of the KV cache and not yet in the store, at most: a save beyond it
+    #: is skipped (a later request recomputes those chunks) rather than holding more memory while the
+    #: store falls behind. Default: a quarter of the memory available at start, at most 4 GiB. A
+    #: ``kv_producer`` never skips (it waits for every save). 0: skip whenever a save is in flight.
+    save_backlog_bytes: int | None = None
     #: Sparse attention for decode (``ucm-sparse``): algorithm, budget, windows, stride (docs/sparse.md).
     sparse: dict[str, Any] | None = None
 
@@ -58,6 +63,7 @@ class ConnectorConfig:
             raise ValueError("UcmConnector: kv_connector_extra_config 'store_config' must be a dict")
         _check_int(extra, "chunk_tokens", minimum=1)
         _check_int(extra, "prewarm_bytes", minimum=0)
+        _check_int(extra, "save_backlog_bytes", minimum=0)
         if extra.get("sparse") is not None:
             if not isinstance(extra["sparse"], Mapping):
                 raise ValueError("UcmConnector: kv_connector_extra_config 'sparse' must be a dict")

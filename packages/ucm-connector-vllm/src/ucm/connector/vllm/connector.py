@@ -15,6 +15,7 @@ and write them in the background.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -53,6 +54,10 @@ log = logging.getLogger("ucm.connector.vllm")
 #: Default prewarm budget, at most: a hot set of system prompts and documents, without making every
 #: engine start read tens of GiB from a store that many servers share (prewarm_bytes raises it).
 DEFAULT_PREWARM_CAP = 4 << 30
+#: Default bound on bytes copied out for saving and not yet in the store, at most.
+DEFAULT_SAVE_BACKLOG_CAP = 4 << 30
+#: Seconds between two warnings about skipped saves.
+SKIP_WARNING_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -146,6 +151,10 @@ class UcmConnector(KVConnectorBase_V1):
         self._shard = 0
         self._loads: deque[_Transfer] = deque()
         self._saves: deque[_Transfer] = deque()
+        self._save_backlog = 0  # bytes of the chunks in self._copying and self._saves
+        self._save_backlog_limit = 0  # set in register_kv_caches
+        self._skipped_since_warning = 0
+        self._last_skip_warning = -math.inf
         self._finished_loads: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._idle_step = False
@@ -373,6 +382,10 @@ class UcmConnector(KVConnectorBase_V1):
             from vllm.distributed import get_tensor_model_parallel_rank
 
             self._shard = get_tensor_model_parallel_rank()
+        limit = self.config.save_backlog_bytes
+        if limit is None:
+            limit = min(_available_memory_bytes() // 4, DEFAULT_SAVE_BACKLOG_CAP) or DEFAULT_SAVE_BACKLOG_CAP
+        self._save_backlog_limit = limit
         self._start_prewarm(kv_caches)
 
     def _start_prewarm(self, kv_caches: dict[str, Any]) -> None:
@@ -431,6 +444,8 @@ class UcmConnector(KVConnectorBase_V1):
         if self._sparse is not None:
             self._sparse.step_end()
         for job in self._get_connector_metadata().saves:
+            if not self._room_to_save(job):
+                continue
             started = time.perf_counter()
             staging, buffer = self._staging.take(len(job.keys))
             if self._paged.on_device:
@@ -449,6 +464,26 @@ class UcmConnector(KVConnectorBase_V1):
         # A producer answers only once its chunks are committed, so a consumer started after the
         # reply always finds them.
         self._reap_saves(block=self._wait_for_commit)
+
+    def _room_to_save(self, job: ChunkJob) -> bool:
+        """Whether to save ``job`` now; counts it as skipped when the store is too far behind."""
+        nbytes = len(job.keys) * self._paged.chunk_bytes
+        if self._wait_for_commit or not self._save_backlog or self._save_backlog + nbytes <= self._save_backlog_limit:
+            self._save_backlog += nbytes
+            return True
+        self._stats.add(save_skipped=len(job.keys))
+        self._skipped_since_warning += len(job.keys)
+        now = time.monotonic()
+        if now - self._last_skip_warning >= SKIP_WARNING_INTERVAL_S:
+            log.warning(
+                "UcmConnector: the store is behind by %.0f MiB (save_backlog_bytes %.0f MiB): %d chunk(s) were "
+                "not saved and will be recomputed when needed",
+                self._save_backlog / (1 << 20),
+                self._save_backlog_limit / (1 << 20),
+                self._skipped_since_warning,
+            )
+            self._last_skip_warning, self._skipped_since_warning = now, 0
+        return False
 
     def _dump_copied(self, block: bool) -> None:
         """CUDA caches: hand the chunks whose copy out of the device is over to the store."""
@@ -479,6 +514,7 @@ class UcmConnector(KVConnectorBase_V1):
                 saved_bytes=(count - failed) * self._paged.chunk_bytes,
                 save_seconds=time.perf_counter() - transfer.started,
             )
+            self._save_backlog -= count * self._paged.chunk_bytes
             self._staging.give(transfer.buffer)
 
     def _finish_load(self, transfer: _Transfer, report: bool = True) -> None:

@@ -26,6 +26,10 @@ COUNTERS = {
     "saved_bytes": ("vllm:ucm_saved_bytes", "Bytes saved to the UCM store"),
     "save_seconds": ("vllm:ucm_save_seconds", "Seconds spent saving to the UCM store (submit to committed)"),
     "save_failures": ("vllm:ucm_save_failures", "Chunks that could not be saved"),
+    "save_skipped": (
+        "vllm:ucm_save_skipped",
+        "Chunks not saved because the store was behind by save_backlog_bytes",
+    ),
 }
 
 
