@@ -18,13 +18,13 @@ its KV comes from the store. Connector overhead = warm TTFT - FLOOR. The process
 machine's load hits every way alike (on a small machine, where they do not fit in memory
 together, they run one after another).
 
-Then a throughput check without reuse (distinct prompts in one ``generate`` call, five repeats
-interleaved: no connector, UCM, UCM, no connector, ...), a cold check (six more documents prefilled
-cold by a second pair of engines, without and with UCM, taking turns where they fit in memory
-together: the cost of saving rests on nine prefills per way rather than the cold pass's three) and
-a chunked-prefill run (one long prompt, a small ``max_num_batched_tokens``) through both
-connectors, cold and warm, where warm outputs must equal cold ones; a connector that fails is
-reported, and the run goes on.
+Then a throughput check without reuse (distinct prompts in one ``generate`` call, eight repeats
+interleaved: no connector, UCM, UCM, no connector, ...; two pairs of engine processes take four
+repeats each), a cold check (six more documents prefilled cold by a second pair of engines,
+without and with UCM, taking turns where they fit in memory together: the cost of saving rests on
+nine prefills per way rather than the cold pass's three) and a chunked-prefill run (one long
+prompt, a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm
+outputs must equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
 (random weights, ~100M parameters, built offline) a run takes about 34 minutes in float32 on an
@@ -96,9 +96,9 @@ ROW_COUNTERS = (
 )
 HITS = "vllm:external_prefix_cache_hits"
 FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above which its time is flagged
-#: Engine processes of a run besides the extra fresh ones: 3 cold, 3 warm, 2 for throughput, 2 for the cold
-#: check, 4 for chunked prefill.
-ENGINES_PER_RUN = 14
+#: Pairs of engine processes (without and with UCM) that share the throughput check's repeats: how fast a
+#: process runs differs from one process to the next, so one pair alone can favour either way.
+THROUGHPUT_PAIRS = 2
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -115,7 +115,7 @@ class Settings:
     tput_prompts: int = 8
     tput_prompt_tokens: int = 1000
     tput_max_tokens: int = 32
-    repeats: int = 5
+    repeats: int = 8
     block_size: int = DEFAULT_BLOCK_TOKENS
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 6  # warm passes: loads again of each document's first prompt, each paired with its repeat
@@ -134,7 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--docs", type=int, help="documents (default: 3)")
     parser.add_argument("--doc-tokens", type=int, help="tokens per document (default: 8000)")
     parser.add_argument("--questions", type=int, help="questions per document (default: 3)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats of the throughput check (default: 5)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of the throughput check (default: 8)")
     parser.add_argument(
         "--block-size",
         type=int,
@@ -194,7 +194,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         docs=args.docs or (2 if quick else 3),
         doc_tokens=args.doc_tokens or (1500 if quick else 8000),
         questions=args.questions or (2 if quick else 3),
-        repeats=args.repeats or (2 if quick else 5),
+        repeats=args.repeats or (2 if quick else 8),
         block_size=args.block_size,
         dtype=args.dtype,
         markdown=args.markdown,
@@ -223,6 +223,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     if settings.cold_docs < 0:
         parser.error(f"--cold-docs must be 0 or more, not {settings.cold_docs}")
     return settings
+
+
+def engines_planned(settings: Settings) -> int:
+    """Engine processes a run starts: 3 cold, 3 warm, 2 per fresh round, 2 per throughput pair, 2 for the cold
+    check (when it runs) and 4 for chunked prefill."""
+    return 3 + 3 + 2 * settings.fresh + 2 * min(THROUGHPUT_PAIRS, settings.repeats) + 2 * (settings.cold_docs > 0) + 4
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -1090,40 +1096,52 @@ class Bench:
         return results
 
     def throughput(self) -> dict[str, list[dict[str, Any]]]:
-        """Interleaved repeats of one batch of distinct prompts: no connector, UCM, UCM, no connector, ..."""
+        """Interleaved repeats of one batch of distinct prompts (no connector, UCM, UCM, no connector, ...),
+        shared by ``THROUGHPUT_PAIRS`` pairs of engine processes, one pair after the other."""
         batches = self.workload.throughput
         kv_bytes = self.kv_cache_bytes([p for batch in batches for p in batch])
         results: dict[str, list[dict[str, Any]]] = {"none": [], "ucm": []}
+        pairs = min(THROUGHPUT_PAIRS, len(batches))
+        for pair in range(pairs):
+            first, last = pair * len(batches) // pairs, (pair + 1) * len(batches) // pairs
+            if not self._throughput_pair(pair + 1, batches, range(first, last), kv_bytes, results):
+                break
+        return results
+
+    def _throughput_pair(
+        self, pair: int, batches: list[list[list[int]]], rounds: range, kv_bytes: int, results: dict[str, list]
+    ) -> bool:
         engines: dict[str, EngineProcess] = {}
-        store = self.store("store-throughput")
+        store = self.store(f"store-throughput-{pair}")
         try:
             for way, connector in (("none", None), ("ucm", "ucm")):
-                label = f"throughput-{way}"
+                label = f"throughput-{way}-{pair}"
                 progress(f"{label}: starting an engine")
                 spec = self.spec(label, connector, store if connector else None, kv_bytes, self.default_batched)
                 engines[way] = self.pool.start(spec)[0]
-            for r, batch in enumerate(batches):
+            for r in rounds:
                 # Which way runs first alternates, so neither always follows the other's work.
                 order = list(engines.items()) if r % 2 == 0 else list(reversed(engines.items()))
                 for way, engine in order:
                     time.sleep(SETTLE_S)
-                    run = engine.call("generate", batch, self.settings.tput_max_tokens)
+                    run = engine.call("generate", batches[r], self.settings.tput_max_tokens)
                     run["tokens_per_s"] = (run["prompt_tokens"] + run["output_tokens"]) / run["seconds"]
                     results[way].append(run)
                     progress(
-                        f"throughput-{way}: repeat {r + 1}/{len(batches)}: {run['seconds']:.2f} s, "
+                        f"throughput-{way}-{pair}: repeat {r + 1}/{len(batches)}: {run['seconds']:.2f} s, "
                         f"{run['tokens_per_s']:.0f} tokens/s"
                     )
             for way in list(engines):
                 self.pool.close_engine(engines.pop(way))
+            return True
         except EngineFailed as exc:
             self.failures.append(str(exc))
             progress(f"throughput: FAILED: {exc}")
+            return False
         finally:
             for engine in engines.values():
                 engine.kill()
             shutil.rmtree(store, ignore_errors=True)
-        return results
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -1181,6 +1199,16 @@ def cold_prefills(passes: dict[str, Pass], first_sight: Sequence[int]) -> list[t
     return rows
 
 
+def throughput_change(tput: dict[str, list[dict[str, Any]]]) -> tuple[float, tuple[float, float], int]:
+    """UCM's tokens/s against no connector's: the change of the means, its paired 90% bootstrap interval, and
+    the number of rounds it rests on. Only rounds in which both ways ran count (all of them unless an engine
+    failed); the two runs of a round ran side by side, so they are redrawn together."""
+    rounds = min(len(tput.get("none", [])), len(tput.get("ucm", [])))
+    none = [run["tokens_per_s"] for run in tput.get("none", [])[:rounds]]
+    ucm = [run["tokens_per_s"] for run in tput.get("ucm", [])[:rounds]]
+    return ratio(mean(ucm), mean(none)) - 1, ratio_interval(ucm, none, paired=True), rounds
+
+
 def verdict(ok: bool, value: float) -> str:
     return "n/a" if math.isnan(value) else ("met" if ok else "MISSED")
 
@@ -1225,6 +1253,12 @@ def interval(bounds: tuple[float, float]) -> str:
 
 def change(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:+.1f}%"
+
+
+def change_interval(bounds: tuple[float, float]) -> str:
+    """Ratio bounds (as from ``ratio_interval``) as changes: "-3.1% to +1.2%"."""
+    low, high = bounds
+    return "n/a" if math.isnan(low) else f"{change(low - 1)} to {change(high - 1)}"
 
 
 def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput: dict[str, list[dict]]) -> str:
@@ -1489,9 +1523,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         )
         return f"{equal}/{len(p.rows)}"
 
-    tput_none = mean([run["tokens_per_s"] for run in tput.get("none", [])])
-    tput_ucm = mean([run["tokens_per_s"] for run in tput.get("ucm", [])])
-    tput_change = ratio(tput_ucm, tput_none) - 1
+    tput_change, tput_bounds, rounds = throughput_change(tput)
     overhead_ratio = ratio(ucm_mean, ex_mean)
     cost_all, cost_first = cold_cost(), cold_cost(first_sight)
     within = f"<= {TARGET_OVERHEAD_RATIO}x"
@@ -1513,9 +1545,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         [
             f"UCM cold TTFT vs no connector: every cold prefill of a document ({len(prefills)}: the cold pass's "
             "first prompts and the cold check's; 90% bootstrap interval)",
-            f"{change(cost_prefills)} ("
-            + ("n/a" if math.isnan(cost_bounds[0]) else f"{change(cost_bounds[0] - 1)} to {change(cost_bounds[1] - 1)}")
-            + ")",
+            f"{change(cost_prefills)} ({change_interval(cost_bounds)})",
             f"<= +{100 * TARGET_COLD_COST:.0f}%",
             verdict(cost_prefills <= TARGET_COLD_COST, cost_prefills),
         ],
@@ -1526,8 +1556,9 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
             "",
         ],
         [
-            "throughput without reuse, UCM vs no connector",
-            change(tput_change),
+            f"throughput without reuse, UCM vs no connector ({rounds} repeats per way, in "
+            f"{min(THROUGHPUT_PAIRS, settings.repeats)} pairs of engine processes; 90% bootstrap interval)",
+            f"{change(tput_change)} ({change_interval(tput_bounds)})",
             f">= -{100 * TARGET_THROUGHPUT_LOSS:.0f}%",
             verdict(tput_change >= -TARGET_THROUGHPUT_LOSS, tput_change),
         ],
@@ -1574,13 +1605,13 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
     ]
 
     rows = []
-    for way, name, value in (("none", "no connector", tput_none), ("ucm", "UcmConnector", tput_ucm)):
+    for way, name in (("none", "no connector"), ("ucm", "UcmConnector")):
         runs = tput.get(way, [])
         rows.append(
             [
                 name,
                 len(runs),
-                f"{value:.0f}" if runs else "failed",
+                f"{mean([run['tokens_per_s'] for run in runs]):.0f}" if runs else "failed",
                 " / ".join(f"{run['tokens_per_s']:.0f}" for run in runs),
                 f"{mean([run['output_tokens'] / run['seconds'] for run in runs]):.1f}" if runs else "",
                 " / ".join("n/a" if math.isnan(run["foreign_cpu"]) else f"{run['foreign_cpu']:.2f}" for run in runs),
@@ -1688,7 +1719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = settings.workdir or tempfile.mkdtemp(prefix="ucm-connector-bench-")
     os.makedirs(workdir, exist_ok=True)
-    pool = EnginePool(workdir, ENGINES_PER_RUN - 2 * (settings.cold_docs == 0) + 2 * settings.fresh)
+    pool = EnginePool(workdir, engines_planned(settings))
     pool.prepare()  # imports vLLM while the model is built
     try:
         return run(settings, header, pool)

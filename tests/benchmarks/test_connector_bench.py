@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import connector_bench as bench
 import pytest
 
@@ -138,3 +140,30 @@ def test_paired_prefills_give_a_paired_interval():
     assert 1.0 < low <= high < 1.04
     low, high = bench.ratio_interval(ucm, none)
     assert low < 1.0 < high
+
+
+def test_throughput_pairs_the_rounds_both_ways_ran():
+    # Round by round the machine speeds up and slows down for both ways alike, and UCM is 2% slower
+    # in each. The last round's UCM engine failed: its no-connector run is left out, not compared
+    # with nothing.
+    none = [356.0, 379.0, 371.0, 400.0, 362.0, 388.0]
+    ucm = [value * 0.98 for value in none]
+    runs = {"none": [{"tokens_per_s": v} for v in none + [300.0]], "ucm": [{"tokens_per_s": v} for v in ucm]}
+    change, (low, high), rounds = bench.throughput_change(runs)
+    assert rounds == 6
+    assert change == pytest.approx(-0.02)
+    assert 0.97 < low <= high < 0.99
+    assert bench.change_interval((low, high)) == f"{100 * (low - 1):+.1f}% to {100 * (high - 1):+.1f}%"
+    # Nothing to compare when one way never ran.
+    change, bounds, rounds = bench.throughput_change({"none": runs["none"], "ucm": []})
+    assert rounds == 0 and math.isnan(change) and bench.change_interval(bounds) == "n/a"
+
+
+def test_the_throughput_check_runs_in_pairs_of_engines_and_they_are_planned():
+    default, quick = bench.parse_args([]), bench.parse_args(["--quick"])
+    assert default.repeats == 8 and quick.repeats == 2
+    # Each throughput pair is two more engines; a single repeat runs in one pair.
+    one = bench.parse_args(["--repeats", "1"])
+    assert bench.engines_planned(default) - bench.engines_planned(one) == 2 * (bench.THROUGHPUT_PAIRS - 1)
+    no_check = bench.parse_args(["--cold-docs", "0"])
+    assert bench.engines_planned(default) - bench.engines_planned(no_check) == 2
