@@ -44,7 +44,8 @@ uint16_t redis_cluster_slot(const std::string& key) {
     return crc16(key.data(), key.size()) % kSlots;
 }
 
-RedisStore::RedisStore(RedisStoreConfig config) : config_(std::move(config)), pool_(std::max<size_t>(1, config_.threads), "ucm-redis") {
+RedisStore::RedisStore(RedisStoreConfig config)
+    : config_(std::move(config)), pool_(std::max<size_t>(1, config_.threads), "ucm-redis") {
     if (config_.num_shards == 0) throw std::invalid_argument("num_shards must be at least 1");
     nodes_.push_back(Node{config_.endpoint, {}});
     std::string error;
