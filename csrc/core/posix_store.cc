@@ -153,7 +153,7 @@ uint64_t host_hash() {
 PosixStore::PosixStore(PosixConfig config)
     : config_(std::move(config)),
       pool_(config_.threads, "ucm-posix-io"),
-      save_pool_(config_.threads, "ucm-posix-save", true) {
+      save_pool_(config_.threads, "ucm-posix-save") {
     if (config_.num_shards == 0) throw std::invalid_argument("num_shards must be at least 1");
     root_fd_ = ::open(config_.root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (root_fd_ < 0) throw std::invalid_argument("cannot open root " + config_.root + ": " + errno_text(errno));
@@ -273,8 +273,9 @@ size_t PosixStore::lookup_prefix(const std::vector<std::string>& ids) {
 // ---- dump ----------------------------------------------------------------------------------
 
 TaskPtr PosixStore::dump(std::vector<ShardIO> items) {
-    // Saves run on their own threads at the lowest CPU priority: nothing waits on them but the
-    // staging memory, so a forward pass that wants every core gets them first.
+    // Saves run on their own threads, so a load never queues behind writes. They stay at normal
+    // priority: a kv_producer's step and a memory tier's write-behind wait on them, and their
+    // workers take locks that the engine's thread takes too (the pool's queue, each task's state).
     return run_items(save_pool_, std::move(items), [this](const ShardIO& item) { return dump_one(item); });
 }
 

@@ -104,7 +104,7 @@ private:
     std::string tmp_prefix_;
     std::atomic<uint64_t> tmp_seq_{0};
     ThreadPool pool_;       // loads, lookups, removals
-    ThreadPool save_pool_;  // dumps, at the lowest CPU priority
+    ThreadPool save_pool_;  // dumps
 
     std::mutex evict_mutex_;
     std::condition_variable evict_cv_;

@@ -384,7 +384,9 @@ class UcmConnector(KVConnectorBase_V1):
             self._shard = get_tensor_model_parallel_rank()
         limit = self.config.save_backlog_bytes
         if limit is None:
-            limit = min(_available_memory_bytes() // 4, DEFAULT_SAVE_BACKLOG_CAP) or DEFAULT_SAVE_BACKLOG_CAP
+            # Each tensor-parallel rank holds its own backlog: together they take at most the quarter.
+            share = _available_memory_bytes() // (4 * max(1, self.tp_size))
+            limit = min(share, DEFAULT_SAVE_BACKLOG_CAP) or DEFAULT_SAVE_BACKLOG_CAP
         self._save_backlog_limit = limit
         self._start_prewarm(kv_caches)
 
@@ -446,6 +448,7 @@ class UcmConnector(KVConnectorBase_V1):
         for job in self._get_connector_metadata().saves:
             if not self._room_to_save(job):
                 continue
+            nbytes = len(job.keys) * self._paged.chunk_bytes
             started = time.perf_counter()
             staging, buffer = self._staging.take(len(job.keys))
             if self._paged.on_device:
@@ -456,20 +459,22 @@ class UcmConnector(KVConnectorBase_V1):
                 copied = self._paged.api.Event()
                 copied.record(self._copy_stream)
                 self._copying.append(_Transfer(job, None, started, staging, buffer, copied))
+                self._save_backlog += nbytes
                 continue
             self._paged.gather(job.block_ids, job.chunk_in_block, staging)
             task = self.store.dump(job.keys, self._paged.chunk_buffers(staging), [self._shard] * len(job.keys))
             self._saves.append(_Transfer(job, task, started, staging, buffer))
+            self._save_backlog += nbytes
         self._dump_copied(block=self._wait_for_commit)
         # A producer answers only once its chunks are committed, so a consumer started after the
         # reply always finds them.
         self._reap_saves(block=self._wait_for_commit)
 
     def _room_to_save(self, job: ChunkJob) -> bool:
-        """Whether to save ``job`` now; counts it as skipped when the store is too far behind."""
+        """Whether to save ``job`` now; counts it as skipped when the store is too far behind. A job is
+        always taken when nothing is in flight, so one prefill larger than the bound is still saved."""
         nbytes = len(job.keys) * self._paged.chunk_bytes
         if self._wait_for_commit or not self._save_backlog or self._save_backlog + nbytes <= self._save_backlog_limit:
-            self._save_backlog += nbytes
             return True
         self._stats.add(save_skipped=len(job.keys))
         self._skipped_since_warning += len(job.keys)
@@ -500,6 +505,7 @@ class UcmConnector(KVConnectorBase_V1):
         while self._saves and (block or self.store.check(self._saves[0].task)):
             transfer = self._saves.popleft()
             count = len(transfer.job.keys)
+            self._save_backlog -= count * self._paged.chunk_bytes
             try:
                 self.store.wait(transfer.task)
                 failed = 0
@@ -514,7 +520,6 @@ class UcmConnector(KVConnectorBase_V1):
                 saved_bytes=(count - failed) * self._paged.chunk_bytes,
                 save_seconds=time.perf_counter() - transfer.started,
             )
-            self._save_backlog -= count * self._paged.chunk_bytes
             self._staging.give(transfer.buffer)
 
     def _finish_load(self, transfer: _Transfer, report: bool = True) -> None:
