@@ -39,8 +39,9 @@ class ConnectorConfig:
     prewarm_bytes: int | None = None
     #: Bytes of chunks copied out of the KV cache and not yet in the store, at most: a save beyond it
     #: is skipped (a later request recomputes those chunks) rather than holding more memory while the
-    #: store falls behind. Default: a quarter of the memory available at start, at most 4 GiB. A
-    #: ``kv_producer`` never skips (it waits for every save). 0: skip whenever a save is in flight.
+    #: store falls behind. Default: a quarter of the memory available at start, divided among the
+    #: tensor-parallel ranks, at most 4 GiB per rank. A ``kv_producer`` never skips (it waits for
+    #: every save). 0: skip whenever a save is in flight.
     save_backlog_bytes: int | None = None
     #: Sparse attention for decode (``ucm-sparse``): algorithm, budget, windows, stride (docs/sparse.md).
     sparse: dict[str, Any] | None = None
