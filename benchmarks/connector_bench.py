@@ -1126,6 +1126,7 @@ class Bench:
                     time.sleep(SETTLE_S)
                     run = engine.call("generate", batches[r], self.settings.tput_max_tokens)
                     run["tokens_per_s"] = (run["prompt_tokens"] + run["output_tokens"]) / run["seconds"]
+                    run["pair"] = pair
                     results[way].append(run)
                     progress(
                         f"throughput-{way}-{pair}: repeat {r + 1}/{len(batches)}: {run['seconds']:.2f} s, "
@@ -1199,14 +1200,22 @@ def cold_prefills(passes: dict[str, Pass], first_sight: Sequence[int]) -> list[t
     return rows
 
 
-def throughput_change(tput: dict[str, list[dict[str, Any]]]) -> tuple[float, tuple[float, float], int]:
-    """UCM's tokens/s against no connector's: the change of the means, its paired 90% bootstrap interval, and
-    the number of rounds it rests on. Only rounds in which both ways ran count (all of them unless an engine
-    failed); the two runs of a round ran side by side, so they are redrawn together."""
+def throughput_change(
+    tput: dict[str, list[dict[str, Any]]],
+) -> tuple[float, tuple[float, float], int, dict[int, float]]:
+    """UCM's tokens/s against no connector's: the change of the means, its paired 90% bootstrap interval, the
+    number of rounds it rests on, and the change within each pair of engine processes. Only rounds in which
+    both ways ran count (all of them unless an engine failed); the two runs of a round ran side by side, so
+    they are redrawn together."""
     rounds = min(len(tput.get("none", [])), len(tput.get("ucm", [])))
     none = [run["tokens_per_s"] for run in tput.get("none", [])[:rounds]]
     ucm = [run["tokens_per_s"] for run in tput.get("ucm", [])[:rounds]]
-    return ratio(mean(ucm), mean(none)) - 1, ratio_interval(ucm, none, paired=True), rounds
+    pairs = [run.get("pair", 1) for run in tput.get("ucm", [])[:rounds]]
+    per_pair = {}
+    for pair in sorted(set(pairs)):
+        picks = [i for i, p in enumerate(pairs) if p == pair]
+        per_pair[pair] = ratio(mean([ucm[i] for i in picks]), mean([none[i] for i in picks])) - 1
+    return ratio(mean(ucm), mean(none)) - 1, ratio_interval(ucm, none, paired=True), rounds, per_pair
 
 
 def verdict(ok: bool, value: float) -> str:
@@ -1523,7 +1532,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         )
         return f"{equal}/{len(p.rows)}"
 
-    tput_change, tput_bounds, rounds = throughput_change(tput)
+    tput_change, tput_bounds, rounds, tput_per_pair = throughput_change(tput)
     overhead_ratio = ratio(ucm_mean, ex_mean)
     cost_all, cost_first = cold_cost(), cold_cost(first_sight)
     within = f"<= {TARGET_OVERHEAD_RATIO}x"
@@ -1557,8 +1566,9 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         ],
         [
             f"throughput without reuse, UCM vs no connector ({rounds} repeats per way, in "
-            f"{min(THROUGHPUT_PAIRS, settings.repeats)} pairs of engine processes; 90% bootstrap interval)",
-            f"{change(tput_change)} ({change_interval(tput_bounds)})",
+            f"{len(tput_per_pair)} pair(s) of engine processes; 90% bootstrap interval; change in each pair)",
+            f"{change(tput_change)} ({change_interval(tput_bounds)}; "
+            f"{' / '.join(change(c) for c in tput_per_pair.values()) or 'n/a'})",
             f">= -{100 * TARGET_THROUGHPUT_LOSS:.0f}%",
             verdict(tput_change >= -TARGET_THROUGHPUT_LOSS, tput_change),
         ],

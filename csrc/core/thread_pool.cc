@@ -26,10 +26,10 @@ bool make_this_thread_background() {
 #endif
 }
 
-ThreadPool::ThreadPool(size_t threads, std::string name, bool background) : name_(std::move(name)) {
+ThreadPool::ThreadPool(size_t threads, std::string name) : name_(std::move(name)) {
     threads = std::max<size_t>(threads, 1);
     workers_.reserve(threads);
-    for (size_t i = 0; i < threads; ++i) workers_.emplace_back([this, background] { run(background); });
+    for (size_t i = 0; i < threads; ++i) workers_.emplace_back([this] { run(); });
 }
 
 ThreadPool::~ThreadPool() { shutdown(); }
@@ -93,9 +93,8 @@ void ThreadPool::shutdown() {
     for (std::thread& worker : workers_) worker.join();
 }
 
-void ThreadPool::run(bool background) {
+void ThreadPool::run() {
     name_this_thread(name_);
-    if (background) make_this_thread_background();
     for (;;) {
         std::function<void()> job;
         {

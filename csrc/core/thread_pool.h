@@ -22,9 +22,8 @@ bool make_this_thread_background();
 
 class ThreadPool {
 public:
-    // `name`: the workers' thread name. `background`: the workers run at the lowest CPU priority
-    // (make_this_thread_background), for work nobody waits on while the machine is busy.
-    explicit ThreadPool(size_t threads, std::string name = "ucm-pool", bool background = false);
+    // `name`: the workers' thread name. Workers run at normal priority: callers wait on their jobs.
+    explicit ThreadPool(size_t threads, std::string name = "ucm-pool");
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
     ThreadPool& operator=(const ThreadPool&) = delete;
@@ -43,7 +42,7 @@ public:
     void shutdown();
 
 private:
-    void run(bool background);
+    void run();
 
     std::mutex mutex_;
     std::condition_variable cv_;

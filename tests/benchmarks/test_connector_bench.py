@@ -146,17 +146,23 @@ def test_throughput_pairs_the_rounds_both_ways_ran():
     # Round by round the machine speeds up and slows down for both ways alike, and UCM is 2% slower
     # in each. The last round's UCM engine failed: its no-connector run is left out, not compared
     # with nothing.
+    # The rounds ran in two pairs of engine processes, UCM 2% slower in the first and 4% in the second.
     none = [356.0, 379.0, 371.0, 400.0, 362.0, 388.0]
-    ucm = [value * 0.98 for value in none]
-    runs = {"none": [{"tokens_per_s": v} for v in none + [300.0]], "ucm": [{"tokens_per_s": v} for v in ucm]}
-    change, (low, high), rounds = bench.throughput_change(runs)
+    ucm = [value * 0.98 for value in none[:3]] + [value * 0.96 for value in none[3:]]
+    pair = [1, 1, 1, 2, 2, 2]
+    runs = {
+        "none": [{"tokens_per_s": v, "pair": p} for v, p in zip(none + [300.0], pair + [2], strict=True)],
+        "ucm": [{"tokens_per_s": v, "pair": p} for v, p in zip(ucm, pair, strict=True)],
+    }
+    change, (low, high), rounds, per_pair = bench.throughput_change(runs)
     assert rounds == 6
-    assert change == pytest.approx(-0.02)
-    assert 0.97 < low <= high < 0.99
+    assert change == pytest.approx(sum(ucm) / sum(none) - 1)
+    assert per_pair == pytest.approx({1: -0.02, 2: -0.04})
+    assert 0.95 < low <= high < 0.99
     assert bench.change_interval((low, high)) == f"{100 * (low - 1):+.1f}% to {100 * (high - 1):+.1f}%"
     # Nothing to compare when one way never ran.
-    change, bounds, rounds = bench.throughput_change({"none": runs["none"], "ucm": []})
-    assert rounds == 0 and math.isnan(change) and bench.change_interval(bounds) == "n/a"
+    change, bounds, rounds, per_pair = bench.throughput_change({"none": runs["none"], "ucm": []})
+    assert rounds == 0 and math.isnan(change) and bench.change_interval(bounds) == "n/a" and per_pair == {}
 
 
 def test_the_throughput_check_runs_in_pairs_of_engines_and_they_are_planned():

@@ -68,7 +68,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     """Store roots by name; each starts absent (the store creates it)."""
     base = tmp_path_factory.mktemp("stores")
     names = ["s32", "s128", "chunk32-by-block128", "producer", "empty", "module-path"]
-    names += DAMAGED + ["sync", "staged", "corrupt-concurrent", "backlog"]
+    names += DAMAGED + ["sync", "staged", "corrupt-concurrent", "backlog", "backlog-chunked"]
     return {name: base / name for name in names}
 
 
@@ -106,6 +106,16 @@ def first_run(tiny_model, stores, redis_server, tmp_path_factory) -> dict[str, d
         ct.engine("redis-cold", m, 32, SINGLE_PHASE, failure_policy="fail", **ct.on_redis(redis_server, "engines:")),
         # No room for a second save while one is in flight: all but the first request's are skipped.
         ct.engine("backlog-cold", m, 32, [], stores["backlog"], save_backlog_bytes=0) | CONCURRENT_IN_ONE_STEP,
+        # A short prompt and a long one prefilled in chunks over many steps: the long one's first
+        # save finds the short one's in flight, so none of its chunks may be saved after that.
+        ct.engine(
+            "backlog-chunked",
+            m,
+            32,
+            [ct.phase("chunked", ct.SHORT_THEN_LONG, together=True)],
+            stores["backlog-chunked"],
+            save_backlog_bytes=0,
+        ),
         ct.engine("unknown-key", m, 32, [], stores["empty"], chunk_token=32, expect_error=True),
         ct.engine("chunk-not-dividing", m, 32, [], stores["empty"], chunk_tokens=24, expect_error=True),
     ]

@@ -47,6 +47,8 @@ DOC_OTHER_QUESTION = DOC + tokens(40, 202)
 _SHARED = tokens(200, 300)
 CONCURRENT = [_SHARED + tokens(50, 301 + i) for i in range(3)] + [tokens(150, 304)]
 LONG = [tokens(1500, 400)]
+#: A prompt prefilled in the first step beside one whose prefill takes many (256-token budget).
+SHORT_THEN_LONG = [SINGLE[4], LONG[0]]
 
 
 def phase(name: str, prompts: list[list[int]], together: bool = False) -> dict:

@@ -10,6 +10,7 @@ from connectortest import (
     LOADED,
     SAVE_SKIPPED,
     SAVED,
+    SHORT_THEN_LONG,
     SINGLE,
     EngineResult,
     assert_same_outputs,
@@ -103,3 +104,14 @@ def test_saves_beyond_the_backlog_are_skipped_and_recomputed_later(first_run, se
     assert warm.metric("concurrent", LOADED) == sum(leading)
     assert warm.metric("concurrent", SAVE_SKIPPED) == 0
     assert warm.files_at_exit == distinct_chunks(CONCURRENT, 32)
+
+
+def test_a_request_with_a_skipped_save_saves_nothing_after_the_gap(first_run):
+    """Chunks after a skipped one are unreachable by prefix lookups, so they are not written either.
+
+    The long prompt's first save is skipped (the short one's is in flight); its later saves find
+    the store idle, but writing them would only cost disk and I/O."""
+    run = EngineResult(first_run["backlog-chunked"])
+    short, long = SHORT_THEN_LONG
+    assert run.metric("chunked", SAVE_SKIPPED) == len(long) // 32
+    assert run.files_at_exit == len(short) // 32

@@ -6,8 +6,9 @@
 #include <sched.h>
 
 #include <atomic>
-#include <cstring>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 namespace ucm {
@@ -33,24 +34,36 @@ TEST(ThreadPool, ShutdownRunsEveryQueuedJob) {
 }
 
 #if defined(__linux__)
-// What a worker of `pool` reports about itself: its scheduling policy and its name.
-std::pair<int, std::string> worker_identity(ThreadPool& pool) {
+// The calling thread's scheduling policy and name.
+std::pair<int, std::string> this_thread_identity() {
     int policy = -1;
     char name[16] = {};
-    pool.parallel_for(2, 2, [&](size_t begin, size_t) {
-        if (begin == 0) return;  // the caller runs the first range; the second runs on a worker
-        struct sched_param param {};
-        ::pthread_getschedparam(::pthread_self(), &policy, &param);
-        ::pthread_getname_np(::pthread_self(), name, sizeof(name));
-    });
+    struct sched_param param {};
+    ::pthread_getschedparam(::pthread_self(), &policy, &param);
+    ::pthread_getname_np(::pthread_self(), name, sizeof(name));
     return {policy, name};
 }
 
-TEST(ThreadPool, BackgroundWorkersRunAtIdlePriorityUnderTheirName) {
-    ThreadPool background(1, "ucm-test-save", true);
-    EXPECT_EQ(worker_identity(background), std::make_pair(int{SCHED_IDLE}, std::string("ucm-test-save")));
-    ThreadPool normal(1, "a-name-longer-than-fifteen");
-    EXPECT_EQ(worker_identity(normal), std::make_pair(int{SCHED_OTHER}, std::string("a-name-longer-t")));
+TEST(ThreadPool, WorkersRunAtNormalPriorityUnderTheirName) {
+    ThreadPool pool(1, "a-name-longer-than-fifteen");
+    std::pair<int, std::string> identity;
+    pool.parallel_for(2, 2, [&](size_t begin, size_t) {
+        if (begin != 0) identity = this_thread_identity();  // the caller runs the first range itself
+    });
+    EXPECT_EQ(identity, std::make_pair(int{SCHED_OTHER}, std::string("a-name-longer-t")));
+}
+
+TEST(ThreadPool, ABackgroundThreadRunsAtIdlePriority) {
+    std::pair<int, std::string> identity;
+    bool lowered = false;
+    std::thread thread([&] {
+        name_this_thread("ucm-test-idle");
+        lowered = make_this_thread_background();
+        identity = this_thread_identity();
+    });
+    thread.join();
+    EXPECT_TRUE(lowered);
+    EXPECT_EQ(identity, std::make_pair(int{SCHED_IDLE}, std::string("ucm-test-idle")));
 }
 #endif
 

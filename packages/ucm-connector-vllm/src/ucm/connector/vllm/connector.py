@@ -155,6 +155,9 @@ class UcmConnector(KVConnectorBase_V1):
         self._save_backlog_limit = 0  # set in register_kv_caches
         self._skipped_since_warning = 0
         self._last_skip_warning = -math.inf
+        # Requests that had a save skipped: their later chunks follow a gap that prefix lookups
+        # never cross, so they are skipped too (until the request finishes).
+        self._skipped_requests: set[str] = set()
         self._finished_loads: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._idle_step = False
@@ -446,9 +449,9 @@ class UcmConnector(KVConnectorBase_V1):
         if self._sparse is not None:
             self._sparse.step_end()
         for job in self._get_connector_metadata().saves:
-            if not self._room_to_save(job):
-                continue
             nbytes = len(job.keys) * self._paged.chunk_bytes
+            if not self._room_to_save(job, nbytes):
+                continue
             started = time.perf_counter()
             staging, buffer = self._staging.take(len(job.keys))
             if self._paged.on_device:
@@ -470,25 +473,33 @@ class UcmConnector(KVConnectorBase_V1):
         # reply always finds them.
         self._reap_saves(block=self._wait_for_commit)
 
-    def _room_to_save(self, job: ChunkJob) -> bool:
-        """Whether to save ``job`` now; counts it as skipped when the store is too far behind. A job is
-        always taken when nothing is in flight, so one prefill larger than the bound is still saved."""
-        nbytes = len(job.keys) * self._paged.chunk_bytes
-        if self._wait_for_commit or not self._save_backlog or self._save_backlog + nbytes <= self._save_backlog_limit:
+    def _room_to_save(self, job: ChunkJob, nbytes: int) -> bool:
+        """Whether to save ``job`` (``nbytes`` of chunks) now; counts it as skipped when the store is
+        too far behind, or when an earlier save of its request was skipped. A job is always taken
+        when nothing is in flight, so one prefill larger than the bound is still saved."""
+        if self._wait_for_commit:
             return True
+        if job.req_id not in self._skipped_requests and (
+            not self._save_backlog or self._save_backlog + nbytes <= self._save_backlog_limit
+        ):
+            return True
+        self._skipped_requests.add(job.req_id)
         self._stats.add(save_skipped=len(job.keys))
         self._skipped_since_warning += len(job.keys)
+        self._warn_skipped_saves()
+        return False
+
+    def _warn_skipped_saves(self) -> None:
+        """Logs the chunks skipped since the last warning, at most once a minute."""
         now = time.monotonic()
-        if now - self._last_skip_warning >= SKIP_WARNING_INTERVAL_S:
+        if self._skipped_since_warning and now - self._last_skip_warning >= SKIP_WARNING_INTERVAL_S:
             log.warning(
-                "UcmConnector: the store is behind by %.0f MiB (save_backlog_bytes %.0f MiB): %d chunk(s) were "
-                "not saved and will be recomputed when needed",
-                self._save_backlog / (1 << 20),
-                self._save_backlog_limit / (1 << 20),
+                "UcmConnector: %d chunk(s) were not saved because the store was behind by more than "
+                "save_backlog_bytes (%.0f MiB); they will be recomputed when needed",
                 self._skipped_since_warning,
+                self._save_backlog_limit / (1 << 20),
             )
             self._last_skip_warning, self._skipped_since_warning = now, 0
-        return False
 
     def _dump_copied(self, block: bool) -> None:
         """CUDA caches: hand the chunks whose copy out of the device is over to the store."""
@@ -578,6 +589,8 @@ class UcmConnector(KVConnectorBase_V1):
             self._report_prewarm()
         self._dump_copied(block=False)
         self._reap_saves(block=False)
+        self._warn_skipped_saves()  # skips counted after the last warning are not left unlogged
+        self._skipped_requests -= finished_req_ids
         # On a step with nothing to compute, waiting for the oldest load costs nothing.
         while self._loads and (self.store.check(self._loads[0].task) or self._idle_step):
             self._finish_load(self._loads.popleft())
