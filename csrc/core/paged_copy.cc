@@ -221,18 +221,62 @@ void copy_tile(bool to_staging, T* cache, int64_t token_stride, int64_t dim_stri
     }
 }
 
-// Tile `tile` of a chunk in the chunk format is head (tile % heads) of K (0) or V (1) of layer
-// tile / (2 * heads); this is where that tile of the chunk at (block, token_offset) lives.
-uint8_t* tile_in_cache(const std::vector<PagedLayer>& layers, const PagedGeometry& g, size_t tile, int64_t block,
-                       int64_t token_offset, const int64_t** strides) {
-    size_t head = tile % g.heads;
-    size_t kv = (tile / g.heads) % 2;
-    size_t layer = tile / g.heads / 2;
+// vLLM's AMX page layout (Packing::kAmx), 16-bit elements. K: each 16-token group is [D/2][16]
+// words of two elements (a pair of dims), so the group is a transposed tile of 32-bit words.
+template <typename T>
+void copy_amx_key(bool to_staging, T* page, size_t token_offset, T* tile, size_t tokens, size_t dims) {
+    for (size_t group = 0; group < tokens; group += 16) {
+        auto* cache = reinterpret_cast<uint32_t*>(page + (token_offset + group) * dims);
+        auto* rows = reinterpret_cast<uint32_t*>(tile + group * dims);
+        copy_tile<uint32_t>(to_staging, cache, 1, 16, rows, 16, dims / 2);
+    }
+}
+
+// V: each 16-dim group holds, per pair of tokens, 16 dims with the two tokens' elements side by
+// side; the pair's rows of the tile are its even and odd elements.
+template <typename T>
+void copy_amx_value(bool to_staging, T* page, size_t block_tokens, size_t token_offset, T* tile, size_t tokens,
+                    size_t dims) {
+    for (size_t first_dim = 0; first_dim < dims; first_dim += 16) {
+        T* group = page + first_dim * block_tokens + token_offset * 16;
+        for (size_t t = 0; t < tokens; t += 2) {
+            T* pair = group + t * 16;
+            T* even = tile + t * dims + first_dim;
+            T* odd = even + dims;
+            if (to_staging) {
+                for (size_t d = 0; d < 16; ++d) {
+                    even[d] = pair[2 * d];
+                    odd[d] = pair[2 * d + 1];
+                }
+            } else {
+                for (size_t d = 0; d < 16; ++d) {
+                    pair[2 * d] = even[d];
+                    pair[2 * d + 1] = odd[d];
+                }
+            }
+        }
+    }
+}
+
+// Copies the [chunk_tokens][head_size] tile of one head of K (kv 0) or V (1) of one layer, for
+// the chunk at (block, token_offset).
+template <typename T>
+void copy_head(bool to_staging, const PagedLayer& layer, const PagedGeometry& g, size_t kv, int64_t block,
+               int64_t token_offset, size_t head, T* tile) {
     const int64_t* s = kv == 0 ? g.key_strides : g.value_strides;
-    *strides = s;
-    uint8_t* base = kv == 0 ? layers[layer].key : layers[layer].value;
-    int64_t element = block * s[0] + token_offset * s[2] + static_cast<int64_t>(head) * s[1];
-    return base + element * static_cast<int64_t>(g.elem_bytes);
+    T* page = reinterpret_cast<T*>(kv == 0 ? layer.key : layer.value) + block * s[0] + static_cast<int64_t>(head) * s[1];
+    if constexpr (sizeof(T) == 2) {
+        if (g.packing == Packing::kAmx) {
+            auto offset = static_cast<size_t>(token_offset);
+            if (kv == 0) {
+                copy_amx_key(to_staging, page, offset, tile, g.chunk_tokens, g.head_size);
+            } else {
+                copy_amx_value(to_staging, page, g.block_tokens, offset, tile, g.chunk_tokens, g.head_size);
+            }
+            return;
+        }
+    }
+    copy_tile(to_staging, page + token_offset * s[2], s[2], s[3], tile, g.chunk_tokens, g.head_size);
 }
 
 template <typename T>
@@ -240,10 +284,11 @@ void scatter_tiles(const std::vector<PagedLayer>& layers, const PagedGeometry& g
                    size_t first_tile, size_t tiles, const uint8_t* data) {
     size_t tile_elems = g.chunk_tokens * g.head_size;
     for (size_t t = 0; t < tiles; ++t) {
-        const int64_t* s = nullptr;
-        T* cache = reinterpret_cast<T*>(tile_in_cache(layers, g, first_tile + t, block, token_offset, &s));
+        // Tile i of a chunk in the chunk format is head (i % heads) of K or V ((i / heads) % 2) of
+        // layer i / (2 * heads).
+        size_t i = first_tile + t;
         T* tile = const_cast<T*>(reinterpret_cast<const T*>(data)) + t * tile_elems;
-        copy_tile(false, cache, s[2], s[3], tile, g.chunk_tokens, g.head_size);
+        copy_head(false, layers[i / g.heads / 2], g, (i / g.heads) % 2, block, token_offset, i % g.heads, tile);
     }
     store_fence();
 }
@@ -260,12 +305,9 @@ void copy_all(bool to_staging, const std::vector<PagedLayer>& layers, const Page
             size_t chunk = item % count;
             size_t kv = (item / count) % 2;
             size_t layer = item / count / 2;
-            const int64_t* s = kv == 0 ? g.key_strides : g.value_strides;
-            T* base = reinterpret_cast<T*>(kv == 0 ? layers[layer].key : layers[layer].value);
-            T* cache = base + blocks[chunk] * s[0] + offsets[chunk] * s[2];
             T* out = reinterpret_cast<T*>(staging) + item * g.heads * tile;
             for (size_t h = 0; h < g.heads; ++h) {
-                copy_tile(to_staging, cache + h * s[1], s[2], s[3], out + h * tile, g.chunk_tokens, g.head_size);
+                copy_head(to_staging, layers[layer], g, kv, blocks[chunk], offsets[chunk], h, out + h * tile);
             }
         }
         store_fence();
@@ -290,6 +332,30 @@ void with_element_type(size_t elem_bytes, Body body) {
 
 }  // namespace
 
+std::string geometry_error(const PagedGeometry& g, const std::vector<int64_t>& token_offsets) {
+    if (g.packing != Packing::kAmx) return "";
+    if (g.elem_bytes != 2) return "the AMX page layout holds 16-bit elements, got elem_bytes " + std::to_string(g.elem_bytes);
+    if (g.chunk_tokens % 16 != 0 || g.head_size % 16 != 0 || g.block_tokens % 16 != 0) {
+        return "the AMX page layout needs chunk_tokens, head_size and block_tokens in multiples of 16, got " +
+               std::to_string(g.chunk_tokens) + ", " + std::to_string(g.head_size) + " and " +
+               std::to_string(g.block_tokens);
+    }
+    if (g.chunk_tokens > g.block_tokens) {
+        return "chunk_tokens " + std::to_string(g.chunk_tokens) + " exceeds block_tokens " +
+               std::to_string(g.block_tokens);
+    }
+    for (int64_t offset : token_offsets) {
+        if (offset < 0 || offset % 16 != 0) {
+            return "token offset " + std::to_string(offset) + " is not a multiple of 16 (AMX page layout)";
+        }
+        if (static_cast<size_t>(offset) + g.chunk_tokens > g.block_tokens) {
+            return "token offset " + std::to_string(offset) + " + chunk_tokens " + std::to_string(g.chunk_tokens) +
+                   " runs past the block's " + std::to_string(g.block_tokens) + " tokens";
+        }
+    }
+    return "";
+}
+
 PagedScatter::PagedScatter(std::vector<PagedLayer> layers, const PagedGeometry& geometry, std::vector<int64_t> blocks,
                            std::vector<int64_t> token_offsets)
     : layers_(std::move(layers)),
@@ -303,6 +369,8 @@ PagedScatter::PagedScatter(std::vector<PagedLayer> layers, const PagedGeometry& 
                                     " and " + std::to_string(token_offsets_.size()) + ")");
     }
     if (tile_bytes_ == 0 || geometry_.heads == 0) throw std::invalid_argument("empty chunk geometry");
+    std::string error = geometry_error(geometry_, token_offsets_);
+    if (!error.empty()) throw std::invalid_argument(error);
 }
 
 void PagedScatter::consume(size_t item, size_t offset, const uint8_t* data, size_t size) {
@@ -318,6 +386,8 @@ void PagedScatter::consume(size_t item, size_t offset, const uint8_t* data, size
 void copy_chunks(bool to_staging, const std::vector<PagedLayer>& layers, const PagedGeometry& geometry,
                  const std::vector<int64_t>& blocks, const std::vector<int64_t>& token_offsets, uint8_t* staging,
                  ThreadPool& pool) {
+    std::string error = geometry_error(geometry, token_offsets);
+    if (!error.empty()) throw std::invalid_argument(error);
     with_element_type(geometry.elem_bytes, [&](auto type) {
         copy_all<decltype(type)>(to_staging, layers, geometry, blocks, token_offsets, staging, pool);
     });

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "sink.h"
@@ -18,6 +19,16 @@ struct PagedLayer {
     uint8_t* value;
 };
 
+// How the tokens and dims of one (block, head) page of N tokens and D dims are laid out.
+enum class Packing {
+    // Element strides: token and dim strides of key_strides / value_strides ([2] and [3]).
+    kStrided,
+    // vLLM's CPU pages for AMX tiles (bf16; N and D multiples of 16). K is [N/16][D/2][16][2]: per
+    // 16-token group, pairs of dims token by token. V is [D/16][N/2][16][2]: per 16-dim group,
+    // pairs of tokens dim by dim. Pages start at block * strides[0] + head * strides[1].
+    kAmx,
+};
+
 struct PagedGeometry {
     int64_t key_strides[4];
     int64_t value_strides[4];
@@ -25,7 +36,13 @@ struct PagedGeometry {
     size_t chunk_tokens;
     size_t head_size;
     size_t elem_bytes;  // 1, 2, 4 or 8
+    Packing packing = Packing::kStrided;
+    size_t block_tokens = 0;  // N: needed by kAmx (its V groups are 16 * N elements apart)
 };
+
+// Why chunks at `token_offsets` cannot be copied with `geometry` (its packing's conditions), or ""
+// when they can. copy_chunks and PagedScatter throw std::invalid_argument with it.
+std::string geometry_error(const PagedGeometry& geometry, const std::vector<int64_t>& token_offsets);
 
 // Chunk i is tokens [token_offsets[i], + chunk_tokens) of cache block blocks[i]. The staging
 // buffer is [layers][2: K, V][count][heads][chunk_tokens][head_size], C-contiguous.

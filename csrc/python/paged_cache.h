@@ -43,4 +43,14 @@ inline PagedCache to_paged_cache(const std::vector<uintptr_t>& keys, const std::
     return cache;
 }
 
+// The page packing named as in ucm.store.transfer.PagedGeometry: "strided" or "amx".
+inline void set_packing(PagedCache& cache, const std::string& packing, size_t block_tokens) {
+    if (packing == "amx") {
+        cache.geometry.packing = ucm::Packing::kAmx;
+    } else if (packing != "strided") {
+        throw py::value_error("unknown page packing '" + packing + "' (have 'strided' and 'amx')");
+    }
+    cache.geometry.block_tokens = block_tokens;
+}
+
 }  // namespace ucm_python

@@ -454,10 +454,14 @@ ucm::ThreadPool& copy_pool() {
 void copy_chunks(bool to_staging, const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
                  const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
                  size_t elem_bytes, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets, size_t heads,
-                 size_t chunk_tokens, size_t head_size, uintptr_t staging) {
+                 size_t chunk_tokens, size_t head_size, uintptr_t staging, const std::string& packing,
+                 size_t block_tokens) {
     ucm_python::PagedCache cache =
         ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
+    ucm_python::set_packing(cache, packing, block_tokens);
     if (blocks.size() != token_offsets.size()) throw py::value_error("blocks and token_offsets differ in length");
+    std::string error = ucm::geometry_error(cache.geometry, token_offsets);
+    if (!error.empty()) throw py::value_error(error);
     py::gil_scoped_release release;
     ucm::copy_chunks(to_staging, cache.layers, cache.geometry, blocks, token_offsets,
                      reinterpret_cast<uint8_t*>(staging), copy_pool());
@@ -466,9 +470,11 @@ void copy_chunks(bool to_staging, const std::vector<uintptr_t>& keys, const std:
 std::shared_ptr<ucm::PagedScatter> make_paged_scatter(
     const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values, const std::array<int64_t, 4>& key_strides,
     const std::array<int64_t, 4>& value_strides, size_t elem_bytes, size_t heads, size_t chunk_tokens,
-    size_t head_size, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets) {
+    size_t head_size, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets, const std::string& packing,
+    size_t block_tokens) {
     ucm_python::PagedCache cache =
         ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
+    ucm_python::set_packing(cache, packing, block_tokens);
     try {
         return std::make_shared<ucm::PagedScatter>(std::move(cache.layers), cache.geometry, std::move(blocks),
                                                    std::move(token_offsets));
@@ -580,13 +586,15 @@ PYBIND11_MODULE(_native, m) {
     py::class_<ucm::PagedScatter, std::shared_ptr<ucm::PagedScatter>>(m, "PagedScatter")
         .def(py::init(&make_paged_scatter), py::arg("keys"), py::arg("values"), py::arg("key_strides"),
              py::arg("value_strides"), py::arg("elem_bytes"), py::arg("heads"), py::arg("chunk_tokens"),
-             py::arg("head_size"), py::arg("blocks"), py::arg("token_offsets"))
+             py::arg("head_size"), py::arg("blocks"), py::arg("token_offsets"), py::arg("packing") = "strided",
+             py::arg("block_tokens") = 0)
         .def_property_readonly("chunk_bytes", &ucm::PagedScatter::chunk_bytes)
         .def("__len__", &ucm::PagedScatter::count);
 
     m.def("copy_chunks", &copy_chunks, py::arg("to_staging"), py::arg("keys"), py::arg("values"),
           py::arg("key_strides"), py::arg("value_strides"), py::arg("elem_bytes"), py::arg("blocks"),
           py::arg("token_offsets"), py::arg("heads"), py::arg("chunk_tokens"), py::arg("head_size"), py::arg("staging"),
+          py::arg("packing") = "strided", py::arg("block_tokens") = 0,
           "Copy KV chunks between a paged host cache and a staging buffer in the chunk format (GIL released).");
 
     m.def(

@@ -78,11 +78,11 @@ def engine(
     without the connector.
 
     ``extra``: ``module_path``, ``failure_policy`` (vLLM's ``kv_load_failure_policy``, by default
-    ``"recompute"``), ``sabotage``, ``expect_error``, and the rest goes to
+    ``"recompute"``), ``sabotage``, ``expect_error``, ``dtype``, and the rest goes to
     ``kv_connector_extra_config`` (``store_config`` defaults to the posix ``root``).
     """
     spec = {"name": name, "model": model, "block_size": block_size, "phases": phases, **ENGINE}
-    for key in ("sabotage", "expect_error", "redis"):
+    for key in ("sabotage", "expect_error", "redis", "dtype"):
         if key in extra:
             spec[key] = extra.pop(key)
     if root is not None or "store" in extra:

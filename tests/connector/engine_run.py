@@ -4,8 +4,9 @@
 down before the next starts, so every engine begins with an empty device cache and only the
 store links one to the next. An engine:
 
-``name``, ``model``, ``block_size``, ``max_num_batched_tokens``, ``enable_chunked_prefill``, ``max_model_len``
-    the engine.
+``name``, ``model``, ``block_size``, ``max_num_batched_tokens``, ``enable_chunked_prefill``, ``max_model_len``,
+``dtype``
+    the engine (``dtype`` by default the model's).
 ``connector``
     absent (no connector) or ``{"kv_role", "extra_config", "module_path", "failure_policy"}``.
 ``phases``
@@ -116,6 +117,7 @@ def make_engine(spec: dict):
         max_num_batched_tokens=spec.get("max_num_batched_tokens"),
         enable_chunked_prefill=spec.get("enable_chunked_prefill"),
         max_model_len=spec.get("max_model_len", 4096),
+        dtype=spec.get("dtype", "auto"),
         enable_prefix_caching=True,
         distributed_executor_backend="uni",
         kv_cache_memory_bytes=KV_CACHE_BYTES,

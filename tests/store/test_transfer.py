@@ -1,14 +1,16 @@
 """The host transfer path: chunks between a paged cache and the store, checked element by element.
 
 A paged cache here is a numpy array per layer, laid out as vLLM lays out its CPU cache (per block
-and head, K transposed ``[dim, token]`` then V ``[token, dim]``) or its FlashAttention cache
-(``[2, blocks, tokens, heads, dim]``). Chunks are gathered out of one cache, dumped to a
+and head, K transposed ``[dim, token]`` then V ``[token, dim]``; or, on CPUs with AMX tiles,
+packed in 16-token and 16-dim groups) or its FlashAttention cache (``[2, blocks, tokens, heads,
+dim]``). Chunks are gathered out of one cache, dumped to a
 ``posix`` or ``redis`` store and loaded straight into another cache (``load_into``), or through a
 staging buffer with ``scatter_chunks``.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,37 @@ from ucm.store.transfer import PagedGeometry, gather_chunks, paged_target, scatt
 LAYERS, BLOCKS, HEADS, TOKENS, DIM = 3, 7, 2, 32, 16
 
 
+class AmxView:
+    """K or V [blocks, heads, tokens, dim] of vLLM's CPU pages packed for AMX tiles, read afresh from
+    the backing array at each indexing: per (block, head), K is [tokens/16][dim/2][16][2] and V
+    [dim/16][tokens/2][16][2] (numpy cannot view that as one strided array)."""
+
+    def __init__(self, flat: np.ndarray, kv: int, tokens: int):
+        self.flat, self.kv, self.tokens = flat, kv, tokens
+        self.shape = (BLOCKS, HEADS, tokens, DIM)
+
+    def array(self) -> np.ndarray:
+        n = self.tokens
+        if self.kv == 0:
+            packed = self.flat[:, :, : n * DIM].reshape(BLOCKS, HEADS, n // 16, DIM // 2, 16, 2)
+            return packed.transpose(0, 1, 2, 4, 3, 5).reshape(self.shape)
+        packed = self.flat[:, :, n * DIM :].reshape(BLOCKS, HEADS, DIM // 16, n // 2, 16, 2)
+        return packed.transpose(0, 1, 3, 5, 2, 4).reshape(self.shape)
+
+    def __getitem__(self, index):
+        return self.array()[index]
+
+
 def make_cache(layout: str, dtype, seed: int | None, tokens: int = TOKENS):
     """Per layer: (backing array, K view, V view); views are [blocks, heads, tokens, dim]."""
     rng = np.random.default_rng(seed)
     layers = []
     for _ in range(LAYERS):
-        if layout == "cpu":
+        if layout == "cpu-amx":
+            backing = np.zeros((BLOCKS, HEADS, tokens, 2 * DIM), dtype)
+            flat = backing.reshape(BLOCKS, HEADS, 2 * tokens * DIM)
+            key, value = AmxView(flat, 0, tokens), AmxView(flat, 1, tokens)
+        elif layout == "cpu":
             backing = np.zeros((BLOCKS, HEADS, tokens, 2 * DIM), dtype)
             flat = backing.reshape(BLOCKS, HEADS, 2 * tokens * DIM)
             key = flat[:, :, : tokens * DIM].reshape(BLOCKS, HEADS, DIM, tokens).transpose(0, 1, 3, 2)
@@ -41,7 +68,21 @@ def make_cache(layout: str, dtype, seed: int | None, tokens: int = TOKENS):
 
 
 def geometry(layers, chunk: int) -> PagedGeometry:
-    _, key, value = layers[0]
+    backing, key, value = layers[0]
+    if isinstance(key, AmxView):
+        item, page = backing.itemsize, 2 * key.tokens * DIM
+        return PagedGeometry(
+            keys=[b.ctypes.data for b, _, _ in layers],
+            values=[b.ctypes.data + key.tokens * DIM * item for b, _, _ in layers],
+            key_strides=(HEADS * page, page, 0, 0),
+            value_strides=(HEADS * page, page, 0, 0),
+            elem_bytes=item,
+            heads=HEADS,
+            head_size=DIM,
+            chunk_tokens=chunk,
+            packing="amx",
+            block_tokens=key.tokens,
+        )
     item = key.itemsize
     return PagedGeometry(
         keys=[k.ctypes.data for _, k, _ in layers],
@@ -94,6 +135,11 @@ CASES = [
     ("cpu", np.float32, 6, 36),
     ("flash", np.float16, 8, TOKENS),
     ("flash", np.float32, 32, TOKENS),
+    # vLLM's bf16 pages on CPUs with AMX tiles (moved as opaque 16-bit words): K's 16-token groups
+    # go through the 32-bit vector transpose, V's 16-dim groups are split into even and odd tokens.
+    ("cpu-amx", np.float16, 16, TOKENS),
+    ("cpu-amx", np.float16, 32, 128),
+    ("cpu-amx", np.float16, 128, 128),
 ]
 
 
@@ -197,3 +243,21 @@ def test_a_cuda_buffer_without_a_gpu_gets_an_error_naming_cuda(open_test_store):
     store = open_test_store("posix")
     with pytest.raises((RuntimeError, ValueError), match="CUDA"):
         store.dump([b"device"], [_FakeCudaBuffer()])
+
+
+def test_the_amx_packing_names_what_it_cannot_take():
+    layers = make_cache("cpu-amx", np.float16, seed=None)
+    staging = np.zeros(LAYERS * 2 * HEADS * 16 * DIM, np.float16)
+    amx = geometry(layers, 16)
+    with pytest.raises(ValueError, match="token offset 8 is not a multiple of 16"):
+        gather_chunks(amx, [0], [8], staging.ctypes.data)
+    with pytest.raises(ValueError, match=r"token offset 32 \+ chunk_tokens 16 runs past the block's 32 tokens"):
+        paged_target(amx, [0], [32])
+    with pytest.raises(ValueError, match="16-bit elements, got elem_bytes 4"):
+        gather_chunks(replace(amx, elem_bytes=4), [0], [0], staging.ctypes.data)
+    with pytest.raises(ValueError, match="multiples of 16, got 8"):
+        gather_chunks(replace(amx, chunk_tokens=8), [0], [0], staging.ctypes.data)
+    with pytest.raises(ValueError, match="unknown page packing 'vnni'"):
+        gather_chunks(replace(amx, packing="vnni"), [0], [0], staging.ctypes.data)
+    with pytest.raises(ValueError, match="exists only in host memory"):
+        gather_chunks(replace(amx, device="cuda"), [0], [0], staging.ctypes.data)

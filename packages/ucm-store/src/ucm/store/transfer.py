@@ -4,8 +4,8 @@ Engines' KV caches are paged: each layer's K and V are (viewed as) strided array
 ``[blocks, heads, block_tokens, head_size]``. A staging buffer holds chunks in the store's chunk
 format ``[layers][2: K, V][chunks][heads][chunk_tokens][head_size]`` (docs/format.md). The copy
 runs in native threads with the GIL released, converting the page layout (strides, including a
-transposed K) in the same pass. Addresses and strides are plain integers, so no tensor library is
-needed here.
+transposed K, or vLLM's packing for AMX tiles) in the same pass. Addresses and strides are plain
+integers, so no tensor library is needed here.
 
 Caches in CUDA memory (``PagedGeometry.device == "cuda"``) go through the CUDA transfer path
 (``csrc/cuda``, built when CMake finds a CUDA toolkit): one call moves every chunk of a layer range
@@ -41,6 +41,12 @@ class PagedGeometry:
     head_size: int
     chunk_tokens: int
     device: str = "cpu"  # "cpu", "cuda" (the current CUDA device) or "npu" (the current Ascend NPU)
+    #: How tokens and dims lie inside one (block, head) page. "strided": as the token and dim strides
+    #: say. "amx" (host caches only): vLLM's CPU pages for AMX tiles (bf16), K ``[tokens/16][head_size/2]
+    #: [16][2]`` and V ``[head_size/16][tokens/2][16][2]`` per page, pages at the block and head strides;
+    #: the token and dim strides are not used, ``block_tokens`` is needed (docs/format.md).
+    packing: str = "strided"
+    block_tokens: int = 0
 
 
 #: Optional native modules of ucm.store: device kind -> (module, what to do when it is missing).
@@ -162,7 +168,14 @@ def _cache_args(geometry: PagedGeometry) -> dict:
     }
 
 
+def _host_cache_args(geometry: PagedGeometry) -> dict:
+    """The geometry as the host path's native functions take it, with the page packing."""
+    return _cache_args(geometry) | {"packing": geometry.packing, "block_tokens": geometry.block_tokens}
+
+
 def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, staging: int) -> None:
+    if geometry.packing != "strided" and geometry.device != "cpu":
+        raise ValueError(f"page packing {geometry.packing!r} exists only in host memory, not on {geometry.device!r}")
     if geometry.device == "cuda":
         # Synchronous, like the host path: enqueue on the default stream and wait for it.
         copy_chunks_cuda(to_staging, geometry, blocks, token_offsets, staging)
@@ -179,7 +192,7 @@ def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, stag
         blocks=list(blocks),
         token_offsets=list(token_offsets),
         staging=staging,
-        **_cache_args(geometry),
+        **_host_cache_args(geometry),
     )
 
 
@@ -202,4 +215,4 @@ def paged_target(geometry: PagedGeometry, blocks: Sequence[int], token_offsets: 
     """
     if geometry.device != "cpu":
         raise ValueError(f"load_into needs a cache in host memory, not on {geometry.device!r}")
-    return _native.PagedScatter(blocks=list(blocks), token_offsets=list(token_offsets), **_cache_args(geometry))
+    return _native.PagedScatter(blocks=list(blocks), token_offsets=list(token_offsets), **_host_cache_args(geometry))

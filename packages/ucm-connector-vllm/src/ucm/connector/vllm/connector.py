@@ -370,9 +370,12 @@ class UcmConnector(KVConnectorBase_V1):
             layout = "split"  # vllm-ascend: a (K, V) pair per layer
         else:
             layout = "cpu" if current_platform.is_cpu() else "flash"
-        if layout == "cpu":
-            _refuse_packed_cpu_layout(next(iter(kv_caches.values())), self.block_tokens)
         self._paged = PagedKV(kv_caches, layout, self.chunk_tokens)
+        if self._sparse is not None and self._paged.packing != "strided":
+            raise RuntimeError(
+                "UcmConnector: sparse attention reads K through strided views, and vLLM packs this CPU cache for "
+                "AMX tiles (bf16); run with --dtype float16 or float32 for sparse attention here"
+            )
         self._staging = StagingPool(self._paged)
         if self._paged.on_device:
             # High priority: the copy's resident kernel gets its few SMs even while compute is queued.
@@ -635,13 +638,3 @@ def _available_memory_bytes() -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _refuse_packed_cpu_layout(cache: torch.Tensor, block_tokens: int) -> None:
-    """vLLM's CPU attention packs K and V differently on CPUs with AMX tiles (bf16, blocks of 32k tokens)."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if amx and cache.dtype == torch.bfloat16 and block_tokens % 32 == 0:
-        raise RuntimeError(
-            "UcmConnector: on this CPU vLLM packs the bf16 KV cache for AMX tiles, a layout UcmConnector does not "
-            "convert yet; run with --dtype float16 or float32"
-        )

@@ -63,10 +63,30 @@ def kv_views(cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"UcmConnector: unsupported KV cache layout {layout!r}")
 
 
-class PagedKV:
-    """The engine's KV cache, layer by layer, with gather and scatter of whole chunks."""
+def cpu_page_packing(dtype: torch.dtype, block_tokens: int, head_size: int) -> str:
+    """How vLLM's CPU attention packs its pages: "amx" where it picks its AMX kernels (bf16 on CPUs
+    with AMX tiles), else "strided" (the ``cpu`` layout of :func:`kv_views`)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    def __init__(self, kv_caches: Mapping[str, torch.Tensor], layout: str, chunk_tokens: int):
+        isa = _get_attn_isa(dtype, block_tokens, head_size)
+    except ImportError:  # the rule of vLLM 0.32, should the function move
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        isa = "amx" if amx and dtype == torch.bfloat16 and block_tokens % 32 == 0 else "vec"
+    return "amx" if isa == "amx" else "strided"
+
+
+class PagedKV:
+    """The engine's KV cache, layer by layer, with gather and scatter of whole chunks.
+
+    ``views`` are K and V ``[blocks, heads, block_tokens, head_size]`` per layer. ``packing`` (by default
+    as vLLM packs this cache): see ``ucm.store.transfer.PagedGeometry``. With "amx" only the views'
+    block and head strides are right: inside a page the tokens and dims are packed
+    (docs/format.md), and only the transfer path knows how."""
+
+    def __init__(
+        self, kv_caches: Mapping[str, torch.Tensor], layout: str, chunk_tokens: int, packing: str | None = None
+    ):
         self.layer_names = sorted(kv_caches, key=_layer_order)
         self.views = [kv_views(kv_caches[name], layout) for name in self.layer_names]
         key = self.views[0][0]
@@ -77,6 +97,14 @@ class PagedKV:
         if self.block_tokens % chunk_tokens != 0:
             raise ValueError(
                 f"UcmConnector: chunk_tokens {chunk_tokens} must divide the engine's block size {self.block_tokens}"
+            )
+        if packing is None:  # as vLLM packs this cache
+            packing = cpu_page_packing(self.dtype, self.block_tokens, self.head_size) if layout == "cpu" else "strided"
+        self.packing = packing
+        if self.packing == "amx" and chunk_tokens % 16 != 0:
+            raise ValueError(
+                f"UcmConnector: vLLM packs this CPU cache for AMX tiles in groups of 16 tokens; chunk_tokens "
+                f"{chunk_tokens} must be a multiple of 16 here"
             )
         self.chunk_tokens = chunk_tokens
         self.chunks_per_block = self.block_tokens // chunk_tokens
@@ -100,6 +128,8 @@ class PagedKV:
             head_size=self.head_size,
             chunk_tokens=chunk_tokens,
             device=self.device.type,
+            packing=self.packing,
+            block_tokens=self.block_tokens,
         )
 
     @property
