@@ -264,7 +264,8 @@ template <typename T>
 void copy_head(bool to_staging, const PagedLayer& layer, const PagedGeometry& g, size_t kv, int64_t block,
                int64_t token_offset, size_t head, T* tile) {
     const int64_t* s = kv == 0 ? g.key_strides : g.value_strides;
-    T* page = reinterpret_cast<T*>(kv == 0 ? layer.key : layer.value) + block * s[0] + static_cast<int64_t>(head) * s[1];
+    T* base = reinterpret_cast<T*>(kv == 0 ? layer.key : layer.value);
+    T* page = base + block * s[0] + static_cast<int64_t>(head) * s[1];
     if constexpr (sizeof(T) == 2) {
         if (g.packing == Packing::kAmx) {
             auto offset = static_cast<size_t>(token_offset);
@@ -334,7 +335,9 @@ void with_element_type(size_t elem_bytes, Body body) {
 
 std::string geometry_error(const PagedGeometry& g, const std::vector<int64_t>& token_offsets) {
     if (g.packing != Packing::kAmx) return "";
-    if (g.elem_bytes != 2) return "the AMX page layout holds 16-bit elements, got elem_bytes " + std::to_string(g.elem_bytes);
+    if (g.elem_bytes != 2) {
+        return "the AMX page layout holds 16-bit elements, got elem_bytes " + std::to_string(g.elem_bytes);
+    }
     if (g.chunk_tokens % 16 != 0 || g.head_size % 16 != 0 || g.block_tokens % 16 != 0) {
         return "the AMX page layout needs chunk_tokens, head_size and block_tokens in multiples of 16, got " +
                std::to_string(g.chunk_tokens) + ", " + std::to_string(g.head_size) + " and " +
