@@ -173,6 +173,13 @@ def test_the_references_are_how_vllm_writes_its_cpu_pages(isa):
         assert torch.equal(ref_value[block, :, token], value[i])
     # Nothing else was written.
     assert int((cache != 0).sum()) == int((key != 0).sum() + (value != 0).sum())
+    # The transfer path reads the block vLLM filled (four 16-dim groups of V) in the chunk format.
+    paged = PagedKV({"model.layers.0.attn": cache}, "cpu", 16, packing)
+    staging = torch.full(paged.staging_shape(2), float("nan"), dtype=torch.bfloat16)
+    paged.gather([3, 3], [0, 1], staging)
+    for kv, written in enumerate((key, value)):
+        chunks = staging[0, kv].permute(0, 2, 1, 3).reshape(TOKENS, HEADS, dim)  # [tokens, heads, dim]
+        assert torch.equal(chunks, written[:TOKENS])
 
 
 def test_chunks_read_from_amx_pages_are_the_bytes_read_from_plain_ones():
@@ -201,3 +208,31 @@ def test_chunks_read_from_amx_pages_are_the_bytes_read_from_plain_ones():
 def test_amx_pages_need_chunks_of_whole_16_token_groups():
     with pytest.raises(ValueError, match="multiple of 16"):
         PagedKV({"l.0.a": torch.zeros(CPU_SHAPE, dtype=torch.bfloat16)}, "cpu", 8, "amx")
+
+
+def test_the_packing_is_asked_of_vllm_as_its_attention_backend_asks(monkeypatch):
+    """The model's dtype and the cache config's kv_cache_dtype decide vLLM's CPU kernels and so the
+    page packing; an fp8 cache on an AMX CPU is packed too, and refused by name."""
+    from vllm.v1.attention.backends import cpu_attn
+
+    from ucm.connector.vllm.paged import cpu_page_packing
+
+    asked = []
+
+    def isa(dtype, block_size, head_size=None, kv_cache_dtype=None):
+        asked.append((dtype, block_size, head_size, kv_cache_dtype))
+        return "amx" if dtype == torch.bfloat16 else "vec"
+
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", isa)
+    assert cpu_page_packing(torch.bfloat16, 128, 64, "fp8_e4m3") == "amx"
+    assert cpu_page_packing(torch.float16, 128, 64) == "strided"
+    assert asked == [(torch.bfloat16, 128, 64, "fp8_e4m3"), (torch.float16, 128, 64, "auto")]
+    fp8 = {"l.0.a": torch.zeros(CPU_SHAPE, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="only for 16-bit elements"):
+        PagedKV(fp8, "cpu", 32, cpu_page_packing(torch.bfloat16, TOKENS, DIM, "fp8_e4m3"))
+
+
+def test_a_packing_outside_vllms_cpu_cache_is_refused():
+    flash = {"l.0.a": torch.zeros((2, BLOCKS, TOKENS, HEADS, DIM), dtype=torch.bfloat16)}
+    with pytest.raises(ValueError, match="exists only in vLLM's CPU cache"):
+        PagedKV(flash, "flash", 16, "amx")

@@ -115,3 +115,29 @@ def test_a_request_with_a_skipped_save_saves_nothing_after_the_gap(first_run):
     short, long = SHORT_THEN_LONG
     assert run.metric("chunked", SAVE_SKIPPED) == len(long) // 32
     assert run.files_at_exit == len(short) // 32
+
+
+def test_a_save_that_reaches_back_to_the_gap_is_taken_again():
+    """A preempted request is computed again from its first unsaved chunk: that save fills the gap,
+    so it and the saves after it are taken once the store has room."""
+    from ucm.connector.vllm.connector import ChunkJob, UcmConnector
+    from ucm.connector.vllm.metrics import UcmConnectorStats
+
+    worker = object.__new__(UcmConnector)  # only the save-admission state
+    worker._wait_for_commit = False
+    worker._save_gaps, worker._stats = {}, UcmConnectorStats()
+    worker._skipped_since_warning, worker._last_skip_warning = 0, 0.0
+    worker._save_backlog, worker._save_backlog_limit = 100, 150
+
+    def room(first: int, count: int) -> bool:
+        job = ChunkJob("r", first, [b"k"] * count, [0] * count, [0] * count)
+        return worker._room_to_save(job, 10 * count)
+
+    assert not room(0, 8)  # 80 bytes more would pass the bound: chunks 0-7 skipped
+    worker._save_backlog = 0  # the store caught up
+    assert not room(8, 8)  # past the gap: never reachable by a lookup
+    assert room(0, 4)  # preempted and computed again from chunk 0: chunks 0-3 are saved ...
+    assert not room(16, 4)  # ... but 4-15 are not, so what lies past them is still skipped
+    assert room(4, 8) and room(12, 4) and room(16, 4)  # the saves that follow on are taken
+    assert worker._save_gaps == {"r": 20}
+    assert worker._stats.data["save_skipped"] == 8 + 8 + 4

@@ -107,6 +107,7 @@ def copy_chunks_cuda(
     kernel's thread blocks (0: 8 for the ring, the whole GPU for ``"kernel"``).
     """
     begin, end = layers if layers is not None else (0, len(geometry.keys))
+    geometry = _device_geometry(geometry)
     _backend("cuda").copy_chunks(
         to_host=to_host,
         blocks=list(blocks),
@@ -136,7 +137,7 @@ def copy_chunks_ascend(
     ``host`` and ``layers`` are as for :func:`copy_chunks_cuda`. One ACL 2-D copy per (layer,
     K/V, chunk, head). Built only with the CANN toolkit, and not yet run on an NPU by this project.
     """
-    args = _cache_args(geometry)
+    args = _cache_args(_device_geometry(geometry))
     if layers is not None:
         begin, end = layers
         layer_bytes = (
@@ -168,14 +169,19 @@ def _cache_args(geometry: PagedGeometry) -> dict:
     }
 
 
+def _device_geometry(geometry: PagedGeometry) -> PagedGeometry:
+    """``geometry``, checked for a device copy: packed pages exist only in host memory."""
+    if geometry.packing != "strided":
+        raise ValueError(f"page packing {geometry.packing!r} exists only in host memory, not on {geometry.device!r}")
+    return geometry
+
+
 def _host_cache_args(geometry: PagedGeometry) -> dict:
     """The geometry as the host path's native functions take it, with the page packing."""
     return _cache_args(geometry) | {"packing": geometry.packing, "block_tokens": geometry.block_tokens}
 
 
 def _copy(to_staging: bool, geometry: PagedGeometry, blocks, token_offsets, staging: int) -> None:
-    if geometry.packing != "strided" and geometry.device != "cpu":
-        raise ValueError(f"page packing {geometry.packing!r} exists only in host memory, not on {geometry.device!r}")
     if geometry.device == "cuda":
         # Synchronous, like the host path: enqueue on the default stream and wait for it.
         copy_chunks_cuda(to_staging, geometry, blocks, token_offsets, staging)

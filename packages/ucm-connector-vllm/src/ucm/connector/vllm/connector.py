@@ -27,7 +27,7 @@ import torch
 from ucm.connector.vllm import keys as chunk_keys
 from ucm.connector.vllm.config import ConnectorConfig
 from ucm.connector.vllm.metrics import UcmConnectorStats, UcmPromMetrics
-from ucm.connector.vllm.paged import LayerwiseCopyIn, PagedKV, StagingPool
+from ucm.connector.vllm.paged import LayerwiseCopyIn, PagedKV, StagingPool, cpu_page_packing
 from ucm.store import StoreError, open_store
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -116,6 +116,8 @@ class UcmConnector(KVConnectorBase_V1):
         self._loads_enabled = transfer.is_kv_consumer
         self._wait_for_commit = transfer.kv_role == "kv_producer"
         cache_config = vllm_config.cache_config
+        self._model_dtype = vllm_config.model_config.dtype
+        self._kv_cache_dtype = cache_config.cache_dtype
         self.block_tokens = cache_config.block_size
         self.chunk_tokens = self.config.chunk_tokens or self.block_tokens
         if self.block_tokens % self.chunk_tokens != 0:
@@ -155,9 +157,11 @@ class UcmConnector(KVConnectorBase_V1):
         self._save_backlog_limit = 0  # set in register_kv_caches
         self._skipped_since_warning = 0
         self._last_skip_warning = -math.inf
-        # Requests that had a save skipped: their later chunks follow a gap that prefix lookups
-        # never cross, so they are skipped too (until the request finishes).
-        self._skipped_requests: set[str] = set()
+        # Requests that had a save skipped: request id -> the first chunk that may be missing from
+        # the store. Saves past it are never reached by a prefix lookup, so they are skipped too; a
+        # save that starts at or before it (a preempted request computes again from there) moves it
+        # on. Dropped when the request finishes.
+        self._save_gaps: dict[str, int] = {}
         self._finished_loads: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._idle_step = False
@@ -370,7 +374,11 @@ class UcmConnector(KVConnectorBase_V1):
             layout = "split"  # vllm-ascend: a (K, V) pair per layer
         else:
             layout = "cpu" if current_platform.is_cpu() else "flash"
-        self._paged = PagedKV(kv_caches, layout, self.chunk_tokens)
+        packing = None
+        if layout == "cpu":  # vLLM's CPU attention picks its page packing from these (cpu_attn.py)
+            head_size = first.shape[-1] // 2
+            packing = cpu_page_packing(self._model_dtype, self.block_tokens, head_size, self._kv_cache_dtype)
+        self._paged = PagedKV(kv_caches, layout, self.chunk_tokens, packing)
         if self._sparse is not None and self._paged.packing != "strided":
             raise RuntimeError(
                 "UcmConnector: sparse attention reads K through strided views, and vLLM packs this CPU cache for "
@@ -478,15 +486,18 @@ class UcmConnector(KVConnectorBase_V1):
 
     def _room_to_save(self, job: ChunkJob, nbytes: int) -> bool:
         """Whether to save ``job`` (``nbytes`` of chunks) now; counts it as skipped when the store is
-        too far behind, or when an earlier save of its request was skipped. A job is always taken
-        when nothing is in flight, so one prefill larger than the bound is still saved."""
+        too far behind, or when it lies past a gap an earlier skip left in its request. A job is
+        otherwise taken when nothing is in flight, so one prefill larger than the bound is still saved."""
         if self._wait_for_commit:
             return True
-        if job.req_id not in self._skipped_requests and (
+        gap = self._save_gaps.get(job.req_id)
+        if (gap is None or job.first_chunk <= gap) and (
             not self._save_backlog or self._save_backlog + nbytes <= self._save_backlog_limit
         ):
+            if gap is not None:  # this save reaches back to the gap: the saved prefix now ends after it
+                self._save_gaps[job.req_id] = max(gap, job.first_chunk + len(job.keys))
             return True
-        self._skipped_requests.add(job.req_id)
+        self._save_gaps[job.req_id] = job.first_chunk if gap is None else min(gap, job.first_chunk)
         self._stats.add(save_skipped=len(job.keys))
         self._skipped_since_warning += len(job.keys)
         self._warn_skipped_saves()
@@ -497,8 +508,8 @@ class UcmConnector(KVConnectorBase_V1):
         now = time.monotonic()
         if self._skipped_since_warning and now - self._last_skip_warning >= SKIP_WARNING_INTERVAL_S:
             log.warning(
-                "UcmConnector: %d chunk(s) were not saved because the store was behind by more than "
-                "save_backlog_bytes (%.0f MiB); they will be recomputed when needed",
+                "UcmConnector: %d chunk(s) were not saved: the store was behind by more than save_backlog_bytes "
+                "(%.0f MiB), or they followed chunks skipped for that; they will be recomputed when needed",
                 self._skipped_since_warning,
                 self._save_backlog_limit / (1 << 20),
             )
@@ -593,7 +604,8 @@ class UcmConnector(KVConnectorBase_V1):
         self._dump_copied(block=False)
         self._reap_saves(block=False)
         self._warn_skipped_saves()  # skips counted after the last warning are not left unlogged
-        self._skipped_requests -= finished_req_ids
+        for req_id in finished_req_ids:
+            self._save_gaps.pop(req_id, None)
         # On a step with nothing to compute, waiting for the oldest load costs nothing.
         while self._loads and (self.store.check(self._loads[0].task) or self._idle_step):
             self._finish_load(self._loads.popleft())

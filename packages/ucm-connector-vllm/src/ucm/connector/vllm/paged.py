@@ -63,14 +63,15 @@ def kv_views(cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"UcmConnector: unsupported KV cache layout {layout!r}")
 
 
-def cpu_page_packing(dtype: torch.dtype, block_tokens: int, head_size: int) -> str:
-    """How vLLM's CPU attention packs its pages: "amx" where it picks its AMX kernels (bf16 on CPUs
-    with AMX tiles), else "strided" (the ``cpu`` layout of :func:`kv_views`)."""
+def cpu_page_packing(dtype: torch.dtype, block_tokens: int, head_size: int, kv_cache_dtype: str = "auto") -> str:
+    """How vLLM's CPU attention packs its pages, asked as its metadata builder asks (the model's
+    ``dtype`` and the cache config's ``kv_cache_dtype``): "amx" where it picks its AMX kernels (bf16
+    on CPUs with AMX tiles), else "strided" (the ``cpu`` layout of :func:`kv_views`)."""
     try:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        isa = _get_attn_isa(dtype, block_tokens, head_size)
-    except ImportError:  # the rule of vLLM 0.32, should the function move
+        isa = _get_attn_isa(dtype, block_tokens, head_size, kv_cache_dtype)
+    except (ImportError, TypeError):  # the rule of vLLM 0.32, should the function move or change
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
         isa = "amx" if amx and dtype == torch.bfloat16 and block_tokens % 32 == 0 else "vec"
     return "amx" if isa == "amx" else "strided"
@@ -98,10 +99,17 @@ class PagedKV:
             raise ValueError(
                 f"UcmConnector: chunk_tokens {chunk_tokens} must divide the engine's block size {self.block_tokens}"
             )
-        if packing is None:  # as vLLM packs this cache
+        if packing is None:  # as vLLM would pack a cache of this dtype
             packing = cpu_page_packing(self.dtype, self.block_tokens, self.head_size) if layout == "cpu" else "strided"
         self.packing = packing
-        if self.packing == "amx" and chunk_tokens % 16 != 0:
+        if packing != "strided" and (layout != "cpu" or key.device.type != "cpu"):
+            raise ValueError(f"UcmConnector: page packing {packing!r} exists only in vLLM's CPU cache")
+        if packing == "amx" and key.element_size() != 2:
+            raise ValueError(
+                f"UcmConnector: vLLM packs this CPU cache ({self.dtype}) for AMX tiles, which UcmConnector converts "
+                "only for 16-bit elements (a bf16 cache); run without a quantized KV cache here"
+            )
+        if packing == "amx" and chunk_tokens % 16 != 0:
             raise ValueError(
                 f"UcmConnector: vLLM packs this CPU cache for AMX tiles in groups of 16 tokens; chunk_tokens "
                 f"{chunk_tokens} must be a multiple of 16 here"
