@@ -233,7 +233,21 @@ void copy_amx_key(bool to_staging, T* page, size_t token_offset, T* tile, size_t
 }
 
 // V: each 16-dim group holds, per pair of tokens, 16 dims with the two tokens' elements side by
-// side; the pair's rows of the tile are its even and odd elements.
+// side (one 64-byte line); the pair's rows of the tile are its even and odd elements.
+#if defined(__SSE2__)
+// 8 (even, odd) pairs of 16-bit elements at `pair` -> 8 evens and 8 odds.
+inline void split_pairs(const void* pair, __m128i* even, __m128i* odd) {
+    const auto* in = static_cast<const __m128i*>(pair);
+    __m128i x = _mm_loadu_si128(in);      // e0 o0 e1 o1 e2 o2 e3 o3
+    __m128i y = _mm_loadu_si128(in + 1);  // e4 o4 ... e7 o7
+    // Within each 64-bit half: e e o o; then the 32-bit lanes ordered evens first.
+    x = _mm_shuffle_epi32(_mm_shufflehi_epi16(_mm_shufflelo_epi16(x, 0xD8), 0xD8), 0xD8);  // e0-e3 | o0-o3
+    y = _mm_shuffle_epi32(_mm_shufflehi_epi16(_mm_shufflelo_epi16(y, 0xD8), 0xD8), 0xD8);  // e4-e7 | o4-o7
+    *even = _mm_unpacklo_epi64(x, y);
+    *odd = _mm_unpackhi_epi64(x, y);
+}
+#endif
+
 template <typename T>
 void copy_amx_value(bool to_staging, T* page, size_t block_tokens, size_t token_offset, T* tile, size_t tokens,
                     size_t dims) {
@@ -243,6 +257,34 @@ void copy_amx_value(bool to_staging, T* page, size_t block_tokens, size_t token_
             T* pair = group + t * 16;
             T* even = tile + t * dims + first_dim;
             T* odd = even + dims;
+#if defined(__SSE2__)
+            if constexpr (sizeof(T) == 2) {
+                auto* e = reinterpret_cast<__m128i*>(even);
+                auto* o = reinterpret_cast<__m128i*>(odd);
+                if (to_staging) {
+                    __m128i e0, o0, e1, o1;
+                    split_pairs(pair, &e0, &o0);
+                    split_pairs(pair + 16, &e1, &o1);
+                    _mm_storeu_si128(e, e0);
+                    _mm_storeu_si128(e + 1, e1);
+                    _mm_storeu_si128(o, o0);
+                    _mm_storeu_si128(o + 1, o1);
+                    continue;
+                }
+                __m128i e0 = _mm_loadu_si128(e), e1 = _mm_loadu_si128(e + 1);
+                __m128i o0 = _mm_loadu_si128(o), o1 = _mm_loadu_si128(o + 1);
+                __m128i lines[4] = {_mm_unpacklo_epi16(e0, o0), _mm_unpackhi_epi16(e0, o0),
+                                    _mm_unpacklo_epi16(e1, o1), _mm_unpackhi_epi16(e1, o1)};
+                // The pair fills one line of the cache: streaming stores when it is aligned.
+                auto* out = reinterpret_cast<__m128i*>(pair);
+                if (aligned16(pair)) {
+                    for (int i = 0; i < 4; ++i) _mm_stream_si128(out + i, lines[i]);
+                } else {
+                    for (int i = 0; i < 4; ++i) _mm_storeu_si128(out + i, lines[i]);
+                }
+                continue;
+            }
+#endif
             if (to_staging) {
                 for (size_t d = 0; d < 16; ++d) {
                     even[d] = pair[2 * d];
