@@ -28,8 +28,8 @@ outputs must equal cold ones; a connector that fails is reported, and the run go
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
 (random weights, ~100M parameters, built offline) a run takes about 40 minutes in float32 on an
-AVX2-only CPU with 2 idle cores (about 14 minutes with native bf16 before the cold check was
-added); ``--quick`` (tiny model, short documents) is a smoke test of about 8 minutes.
+AVX2-only CPU with 2 idle cores, or 15-17 minutes in bfloat16 on a CPU with AVX-512 and AMX;
+``--quick`` (tiny model, short documents) is a smoke test of about 8 minutes.
 
 Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
 that no prompt ends 0 or 1 token past a block boundary: see DEFAULT_BLOCK_TOKENS and
