@@ -225,6 +225,7 @@ void copy_tile(bool to_staging, T* cache, int64_t token_stride, int64_t dim_stri
 // words of two elements (a pair of dims), so the group is a transposed tile of 32-bit words.
 template <typename T>
 void copy_amx_key(bool to_staging, T* page, size_t token_offset, T* tile, size_t tokens, size_t dims) {
+    static_assert(sizeof(T) == 2, "the AMX page layout holds 16-bit elements");
     for (size_t group = 0; group < tokens; group += 16) {
         auto* cache = reinterpret_cast<uint32_t*>(page + (token_offset + group) * dims);
         auto* rows = reinterpret_cast<uint32_t*>(tile + group * dims);
@@ -251,6 +252,7 @@ inline void split_pairs(const void* pair, __m128i* even, __m128i* odd) {
 template <typename T>
 void copy_amx_value(bool to_staging, T* page, size_t block_tokens, size_t token_offset, T* tile, size_t tokens,
                     size_t dims) {
+    static_assert(sizeof(T) == 2, "the AMX page layout holds 16-bit elements");
     for (size_t first_dim = 0; first_dim < dims; first_dim += 16) {
         T* group = page + first_dim * block_tokens + token_offset * 16;
         for (size_t t = 0; t < tokens; t += 2) {
@@ -258,7 +260,7 @@ void copy_amx_value(bool to_staging, T* page, size_t block_tokens, size_t token_
             T* even = tile + t * dims + first_dim;
             T* odd = even + dims;
 #if defined(__SSE2__)
-            if constexpr (sizeof(T) == 2) {
+            {
                 auto* e = reinterpret_cast<__m128i*>(even);
                 auto* o = reinterpret_cast<__m128i*>(odd);
                 if (to_staging) {

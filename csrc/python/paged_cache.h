@@ -22,7 +22,8 @@ struct PagedCache {
 
 inline PagedCache to_paged_cache(const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
                           const std::array<int64_t, 4>& key_strides, const std::array<int64_t, 4>& value_strides,
-                          size_t elem_bytes, size_t heads, size_t chunk_tokens, size_t head_size) {
+                          size_t elem_bytes, size_t heads, size_t chunk_tokens, size_t head_size,
+                          const std::string& packing = "strided", size_t block_tokens = 0) {
     if (keys.size() != values.size() || keys.empty()) throw py::value_error("need one key and one value per layer");
     if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) {
         throw py::value_error("elem_bytes must be 1, 2, 4 or 8, got " + std::to_string(elem_bytes));
@@ -37,20 +38,17 @@ inline PagedCache to_paged_cache(const std::vector<uintptr_t>& keys, const std::
                       chunk_tokens,
                       head_size,
                       elem_bytes}};
-    for (size_t i = 0; i < keys.size(); ++i) {
-        cache.layers.push_back({reinterpret_cast<uint8_t*>(keys[i]), reinterpret_cast<uint8_t*>(values[i])});
-    }
-    return cache;
-}
-
-// The page packing named as in ucm.store.transfer.PagedGeometry: "strided" or "amx".
-inline void set_packing(PagedCache& cache, const std::string& packing, size_t block_tokens) {
+    // The page packing named as in ucm.store.transfer.PagedGeometry.
     if (packing == "amx") {
         cache.geometry.packing = ucm::Packing::kAmx;
     } else if (packing != "strided") {
         throw py::value_error("unknown page packing '" + packing + "' (have 'strided' and 'amx')");
     }
     cache.geometry.block_tokens = block_tokens;
+    for (size_t i = 0; i < keys.size(); ++i) {
+        cache.layers.push_back({reinterpret_cast<uint8_t*>(keys[i]), reinterpret_cast<uint8_t*>(values[i])});
+    }
+    return cache;
 }
 
 }  // namespace ucm_python

@@ -456,13 +456,10 @@ void copy_chunks(bool to_staging, const std::vector<uintptr_t>& keys, const std:
                  size_t elem_bytes, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets, size_t heads,
                  size_t chunk_tokens, size_t head_size, uintptr_t staging, const std::string& packing,
                  size_t block_tokens) {
-    ucm_python::PagedCache cache =
-        ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
-    ucm_python::set_packing(cache, packing, block_tokens);
+    ucm_python::PagedCache cache = ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes,
+                                                              heads, chunk_tokens, head_size, packing, block_tokens);
     if (blocks.size() != token_offsets.size()) throw py::value_error("blocks and token_offsets differ in length");
-    std::string error = ucm::geometry_error(cache.geometry, token_offsets);
-    if (!error.empty()) throw py::value_error(error);
-    py::gil_scoped_release release;
+    py::gil_scoped_release release;  // ucm::copy_chunks checks the packing (std::invalid_argument: ValueError)
     ucm::copy_chunks(to_staging, cache.layers, cache.geometry, blocks, token_offsets,
                      reinterpret_cast<uint8_t*>(staging), copy_pool());
 }
@@ -472,9 +469,8 @@ std::shared_ptr<ucm::PagedScatter> make_paged_scatter(
     const std::array<int64_t, 4>& value_strides, size_t elem_bytes, size_t heads, size_t chunk_tokens,
     size_t head_size, std::vector<int64_t> blocks, std::vector<int64_t> token_offsets, const std::string& packing,
     size_t block_tokens) {
-    ucm_python::PagedCache cache =
-        ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes, heads, chunk_tokens, head_size);
-    ucm_python::set_packing(cache, packing, block_tokens);
+    ucm_python::PagedCache cache = ucm_python::to_paged_cache(keys, values, key_strides, value_strides, elem_bytes,
+                                                              heads, chunk_tokens, head_size, packing, block_tokens);
     try {
         return std::make_shared<ucm::PagedScatter>(std::move(cache.layers), cache.geometry, std::move(blocks),
                                                    std::move(token_offsets));

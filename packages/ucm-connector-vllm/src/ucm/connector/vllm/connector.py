@@ -374,7 +374,7 @@ class UcmConnector(KVConnectorBase_V1):
             layout = "split"  # vllm-ascend: a (K, V) pair per layer
         else:
             layout = "cpu" if current_platform.is_cpu() else "flash"
-        packing = None
+        packing = "strided"
         if layout == "cpu":  # vLLM's CPU attention picks its page packing from these (cpu_attn.py)
             head_size = first.shape[-1] // 2
             packing = cpu_page_packing(self._model_dtype, self.block_tokens, head_size, self._kv_cache_dtype)

@@ -80,14 +80,12 @@ def cpu_page_packing(dtype: torch.dtype, block_tokens: int, head_size: int, kv_c
 class PagedKV:
     """The engine's KV cache, layer by layer, with gather and scatter of whole chunks.
 
-    ``views`` are K and V ``[blocks, heads, block_tokens, head_size]`` per layer. ``packing`` (by default
-    as vLLM packs this cache): see ``ucm.store.transfer.PagedGeometry``. With "amx" only the views'
+    ``views`` are K and V ``[blocks, heads, block_tokens, head_size]`` per layer. ``packing`` (for vLLM's CPU
+    cache, what :func:`cpu_page_packing` says): see ``ucm.store.transfer.PagedGeometry``. With "amx" only the views'
     block and head strides are right: inside a page the tokens and dims are packed
     (docs/format.md), and only the transfer path knows how."""
 
-    def __init__(
-        self, kv_caches: Mapping[str, torch.Tensor], layout: str, chunk_tokens: int, packing: str | None = None
-    ):
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], layout: str, chunk_tokens: int, packing: str = "strided"):
         self.layer_names = sorted(kv_caches, key=_layer_order)
         self.views = [kv_views(kv_caches[name], layout) for name in self.layer_names]
         key = self.views[0][0]
@@ -99,8 +97,6 @@ class PagedKV:
             raise ValueError(
                 f"UcmConnector: chunk_tokens {chunk_tokens} must divide the engine's block size {self.block_tokens}"
             )
-        if packing is None:  # as vLLM would pack a cache of this dtype
-            packing = cpu_page_packing(self.dtype, self.block_tokens, self.head_size) if layout == "cpu" else "strided"
         self.packing = packing
         if packing != "strided" and (layout != "cpu" or key.device.type != "cpu"):
             raise ValueError(f"UcmConnector: page packing {packing!r} exists only in vLLM's CPU cache")
