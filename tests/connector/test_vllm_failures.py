@@ -141,3 +141,49 @@ def test_a_save_that_reaches_back_to_the_gap_is_taken_again():
     assert room(4, 8) and room(12, 4) and room(16, 4)  # the saves that follow on are taken
     assert worker._save_gaps == {"r": 20}
     assert worker._stats.data["save_skipped"] == 8 + 8 + 4
+
+
+def test_saves_resume_once_the_store_has_caught_up(tmp_path):
+    """The backlog bound holds saves back only while the store is behind: once the saves in flight
+    are in the store, the next one is taken (with ``save_backlog_bytes: 0``, only then)."""
+    from collections import deque
+
+    import torch
+
+    from ucm.connector.vllm.connector import ChunkJob, UcmConnector, UcmConnectorMetadata
+    from ucm.connector.vllm.metrics import UcmConnectorStats
+    from ucm.connector.vllm.paged import PagedKV, StagingPool
+    from ucm.store import open_store
+
+    caches = {f"layers.{i}": torch.randn(4, 2, 32, 2 * 64).to(torch.float16) for i in range(2)}
+    worker = object.__new__(UcmConnector)  # the worker's save path, over a real store and cache
+    worker._connector_metadata = None
+    worker._paged = PagedKV(caches, "cpu", 32, "strided")
+    worker._staging = StagingPool(worker._paged)
+    worker.store = open_store("posix", {"root": str(tmp_path)})
+    worker._layerwise = worker._sparse = None
+    worker._wait_for_commit, worker._shard = False, 0
+    worker._saves, worker._copying = deque(), deque()
+    worker._save_gaps, worker._stats = {}, UcmConnectorStats()
+    worker._skipped_since_warning, worker._last_skip_warning = 0, 0.0
+    worker._save_backlog, worker._save_backlog_limit = 0, 0
+
+    def save(req_id: str, first_block: int) -> list[bytes]:
+        keys = [f"{req_id}-{i}".encode() for i in range(2)]
+        job = ChunkJob(req_id, 0, keys, [first_block, first_block + 1], [0, 0])
+        worker.bind_connector_metadata(UcmConnectorMetadata(saves=[job]))
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+        return keys
+
+    try:
+        first = save("a", 0)
+        worker._reap_saves(block=True)  # the store has every save that was in flight
+        assert worker._save_backlog == 0
+        second = save("b", 2)
+        worker._reap_saves(block=True)
+        assert worker.store.lookup_prefix(first) == 2 and worker.store.lookup_prefix(second) == 2
+        assert worker._stats.data.get("save_skipped", 0) == 0
+        assert worker._stats.data["saved_chunks"] == 4
+    finally:
+        worker.store.close()
