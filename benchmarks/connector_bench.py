@@ -27,8 +27,8 @@ prompt, a small ``max_num_batched_tokens``) through both connectors, cold and wa
 outputs must equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) a run takes about 40 minutes in float32 on an
-AVX2-only CPU with 2 idle cores, or 15-17 minutes in bfloat16 on a CPU with AVX-512 and AMX;
+(random weights, ~100M parameters, built offline) a run takes about 43 minutes in float32 on an
+AVX2-only CPU with 2 idle cores, or 18-20 minutes in bfloat16 on a CPU with AVX-512 and AMX;
 ``--quick`` (tiny model, short documents) is a smoke test of about 8 minutes.
 
 Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
@@ -120,7 +120,12 @@ class Settings:
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 6  # warm passes: loads again of each document's first prompt, each paired with its repeat
     cold_docs: int = 6  # cold check: more documents, each prefilled once with and once without UCM
-    fresh: int = 8  # more fresh processes per connector, each loading every document's first prompt once
+    # More fresh processes per connector, each loading every document's first prompt once. The fresh-process
+    # overhead ratio rests on their first sights (3 per process, plus the warm pass's 3), and single first sights
+    # on the project's 2-core machines vary by tens of milliseconds. With 8 processes (27 first sights) one run's
+    # 90% interval spanned about +-0.13 around its ratio, and four runs of the same code on one machine measured
+    # 0.35x-0.51x against 0.43x pooled; 12 (39 first sights) narrow it by about a sixth, for about 3 more minutes.
+    fresh: int = 12
     dtype: str = "auto"
     markdown: str | None = None
     workdir: str | None = None
