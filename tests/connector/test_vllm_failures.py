@@ -117,17 +117,25 @@ def test_a_request_with_a_skipped_save_saves_nothing_after_the_gap(first_run):
     assert run.files_at_exit == len(short) // 32
 
 
-def test_a_save_that_reaches_back_to_the_gap_is_taken_again():
-    """A preempted request is computed again from its first unsaved chunk: that save fills the gap,
-    so it and the saves after it are taken once the store has room."""
-    from ucm.connector.vllm.connector import ChunkJob, UcmConnector
+def _save_admission_worker(backlog: int, limit: int):
+    """A worker-side connector with only its save-admission state: ``backlog`` bytes in flight, ``limit`` the bound."""
+    from ucm.connector.vllm.connector import UcmConnector
     from ucm.connector.vllm.metrics import UcmConnectorStats
 
-    worker = object.__new__(UcmConnector)  # only the save-admission state
+    worker = object.__new__(UcmConnector)
     worker._wait_for_commit = False
     worker._save_gaps, worker._stats = {}, UcmConnectorStats()
     worker._skipped_since_warning, worker._last_skip_warning = 0, 0.0
-    worker._save_backlog, worker._save_backlog_limit = 100, 150
+    worker._save_backlog, worker._save_backlog_limit = backlog, limit
+    return worker
+
+
+def test_a_save_that_reaches_back_to_the_gap_is_taken_again():
+    """A preempted request is computed again from its first unsaved chunk: that save fills the gap,
+    so it and the saves after it are taken once the store has room."""
+    from ucm.connector.vllm.connector import ChunkJob
+
+    worker = _save_admission_worker(backlog=100, limit=150)
 
     def room(first: int, count: int) -> bool:
         job = ChunkJob("r", first, [b"k"] * count, [0] * count, [0] * count)
@@ -150,23 +158,19 @@ def test_saves_resume_once_the_store_has_caught_up(tmp_path):
 
     import torch
 
-    from ucm.connector.vllm.connector import ChunkJob, UcmConnector, UcmConnectorMetadata
-    from ucm.connector.vllm.metrics import UcmConnectorStats
+    from ucm.connector.vllm.connector import ChunkJob, UcmConnectorMetadata
     from ucm.connector.vllm.paged import PagedKV, StagingPool
     from ucm.store import open_store
 
     caches = {f"layers.{i}": torch.randn(4, 2, 32, 2 * 64).to(torch.float16) for i in range(2)}
-    worker = object.__new__(UcmConnector)  # the worker's save path, over a real store and cache
+    worker = _save_admission_worker(backlog=0, limit=0)  # plus the save path, over a real store and cache
     worker._connector_metadata = None
     worker._paged = PagedKV(caches, "cpu", 32, "strided")
     worker._staging = StagingPool(worker._paged)
     worker.store = open_store("posix", {"root": str(tmp_path)})
     worker._layerwise = worker._sparse = None
-    worker._wait_for_commit, worker._shard = False, 0
+    worker._shard = 0
     worker._saves, worker._copying = deque(), deque()
-    worker._save_gaps, worker._stats = {}, UcmConnectorStats()
-    worker._skipped_since_warning, worker._last_skip_warning = 0, 0.0
-    worker._save_backlog, worker._save_backlog_limit = 0, 0
 
     def save(req_id: str, first_block: int) -> list[bytes]:
         keys = [f"{req_id}-{i}".encode() for i in range(2)]
