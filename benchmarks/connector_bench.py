@@ -39,6 +39,7 @@ that no prompt ends 0 or 1 token past a block boundary: see DEFAULT_BLOCK_TOKENS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -59,6 +60,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from machine import cpu_model, load_average, package_version  # benchmarks/ is on sys.path when a script runs
+
+#: Where the posix store's shared tier keeps its arena files (ucm.store.posix reads it too).
+SHARED_MEMORY_DIR_ENV = "UCM_SHARED_MEMORY_DIR"
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -1017,7 +1021,7 @@ class Bench:
 
     def store(self, name: str) -> str:
         path = os.path.join(self.workdir, name)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_store(path)
         os.makedirs(path)
         return path
 
@@ -1147,7 +1151,7 @@ class Bench:
         finally:
             for engine in engines.values():
                 engine.kill()
-            shutil.rmtree(store, ignore_errors=True)
+            remove_store(store)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -1734,12 +1738,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = settings.workdir or tempfile.mkdtemp(prefix="ucm-connector-bench-")
     os.makedirs(workdir, exist_ok=True)
+    # The posix store's shared tier (on by default) keeps its arenas in memory beyond the engines'
+    # lives: this run's go in a directory of its own, removed at the end.
+    shm_dir = None
+    if SHARED_MEMORY_DIR_ENV not in os.environ and os.path.isdir("/dev/shm"):
+        shm_dir = tempfile.mkdtemp(prefix="ucm-connector-bench-", dir="/dev/shm")
+        os.environ[SHARED_MEMORY_DIR_ENV] = shm_dir
     pool = EnginePool(workdir, engines_planned(settings))
     pool.prepare()  # imports vLLM while the model is built
     try:
         return run(settings, header, pool)
     finally:
         pool.close()
+        if shm_dir is not None:
+            shutil.rmtree(shm_dir, ignore_errors=True)
+            os.environ.pop(SHARED_MEMORY_DIR_ENV, None)
+
+
+def remove_store(path: str) -> None:
+    """Delete a store root and its shared tier's arenas (their memory is not freed otherwise)."""
+    from ucm.store.posix import shared_memory_files
+
+    if os.path.isdir(path):
+        for arena in shared_memory_files(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(arena)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
@@ -1820,7 +1844,7 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
             ]
         )
     for store in (ucm, example):
-        shutil.rmtree(store, ignore_errors=True)
+        remove_store(store)
 
     tput = bench.throughput()
 
@@ -1835,7 +1859,7 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         passes |= bench.run_phase(
             [Way("cold-check-none", None, None, firsts), Way("cold-check-ucm", "ucm", check_store, firsts)]
         )
-        shutil.rmtree(check_store, ignore_errors=True)
+        remove_store(check_store)
 
     progress(f"chunked prefill: one {len(workload.chunked)}-token prompt, {settings.chunk_budget} tokens per step")
     stores = {way: bench.store(f"store-chunked-{way}") for way in ("ucm", "example")}
@@ -1855,7 +1879,7 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
             ]
         )
     for store in stores.values():
-        shutil.rmtree(store, ignore_errors=True)
+        remove_store(store)
 
     tables = report(settings, workload, passes, tput)
     print(tables)

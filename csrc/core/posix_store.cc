@@ -35,6 +35,7 @@ constexpr int64_t kTmpGraceSeconds = 600;  // a temporary file untouched this lo
 constexpr int64_t kLeaseSeconds = 120;     // an eviction lease older than this is abandoned
 constexpr const char* kLease = "evict.lease";  // in the root, while a process runs an eviction pass
 constexpr double kEvictTarget = 0.9;       // evict down to this fraction of the capacity
+constexpr size_t kMaxFillQueue = 65536;    // files waiting to be copied into the shared tier
 const std::string kSizeMismatch = kSizeMismatchPrefix;  // the caller's buffers differ from the stored size
 
 std::string errno_text(int err) { return std::strerror(err); }
@@ -142,6 +143,27 @@ uint8_t* direct_staging(size_t bytes) {
     return staging.data;
 }
 
+// What the shared tier needs to know about a store file: its identity (see FileIdentity), its
+// mtime (recency) and size. statx, for the birth time.
+struct FileFacts {
+    FileIdentity identity;
+    int64_t mtime_s = 0;
+    uint64_t size = 0;
+};
+
+bool file_facts(int dirfd, const char* path, int flags, FileFacts* out) {
+    struct statx stx;
+    if (::statx(dirfd, path, flags, STATX_INO | STATX_MTIME | STATX_SIZE | STATX_BTIME, &stx) != 0) return false;
+    uint64_t born = (stx.stx_mask & STATX_BTIME) != 0
+                        ? static_cast<uint64_t>(stx.stx_btime.tv_sec) * 1000000000ULL + stx.stx_btime.tv_nsec
+                        : 0;
+    uint64_t words[3] = {stx.stx_dev_major, stx.stx_dev_minor, born};
+    out->identity = {stx.stx_ino, hash_key(words, sizeof(words))};
+    out->mtime_s = stx.stx_mtime.tv_sec;
+    out->size = stx.stx_size;
+    return true;
+}
+
 uint64_t host_hash() {
     char host[256] = {};
     ::gethostname(host, sizeof(host) - 1);
@@ -187,6 +209,16 @@ PosixStore::PosixStore(PosixConfig config)
                                         "); set direct_io to false for this root");
         }
     }
+    if (config_.shared_memory_bytes > 0) {
+        if (config_.shared_memory_name.empty() || config_.shared_memory_name.find('/') != std::string::npos) {
+            ::close(blocks_fd_);
+            ::close(root_fd_);
+            throw std::invalid_argument("shared_memory_name must be a non-empty file name prefix");
+        }
+        tier_ = std::make_unique<SharedTier>(config_.shared_memory_dir, config_.shared_memory_name,
+                                             config_.shared_memory_bytes);
+        filler_ = std::thread([this] { fill_loop(); });
+    }
     if (config_.capacity_bytes > 0) {
         evict_requested_ = true;  // enforce the capacity and clean up once at start
         evictor_ = std::thread([this] {
@@ -212,6 +244,13 @@ void PosixStore::close() {
     if (prewarmer_.joinable()) prewarmer_.join();
     save_pool_.shutdown();
     pool_.shutdown();
+    {
+        std::lock_guard<std::mutex> lock(fill_mutex_);
+        fill_stopping_ = true;
+    }
+    fill_cv_.notify_all();
+    if (filler_.joinable()) filler_.join();
+    if (tier_) tier_->close();
     ::close(blocks_fd_);
     ::close(root_fd_);
 }
@@ -296,8 +335,11 @@ std::string PosixStore::dump_one(const ShardIO& item) {
         std::string tmp;
         int fd = open_tmp(block_dir(item.id), &tmp);
         if (fd < 0) return "cannot create a file under " + config_.root + "/blocks: " + errno_text(errno);
-        std::string error = write_shard(fd, item);
+        uint64_t checksum = 0;
+        std::string error = write_shard(fd, item, &checksum);
         if (error.empty() && config_.fsync && ::fdatasync(fd) != 0) error = "fdatasync failed: " + errno_text(errno);
+        FileFacts facts;
+        bool identified = error.empty() && tier_ && file_facts(fd, "", AT_EMPTY_PATH, &facts);
         if (::close(fd) != 0 && error.empty()) error = "close failed: " + errno_text(errno);
         if (error.empty() && ::renameat(blocks_fd_, tmp.c_str(), blocks_fd_, final_path.c_str()) != 0) {
             error = "cannot rename into place: " + errno_text(errno);
@@ -307,12 +349,14 @@ std::string PosixStore::dump_one(const ShardIO& item) {
             return error;
         }
         note_written(item.total_bytes() + kTrailerBytes);
+        // Keep a copy in the shared tier, named after the file it copies (see load_one).
+        if (identified) tier_->write(item.id, item.shard, item.buffers, checksum, facts.identity);
     }
     if (config_.num_shards > 1) commit_marker_if_complete(item.id);
     return {};
 }
 
-std::string PosixStore::write_shard(int fd, const ShardIO& item) {
+std::string PosixStore::write_shard(int fd, const ShardIO& item, uint64_t* checksum_out) {
     size_t total = item.total_bytes();
     Trailer trailer;
     trailer.payload_bytes = total;
@@ -331,6 +375,7 @@ std::string PosixStore::write_shard(int fd, const ShardIO& item) {
             offset += b.size;
         }
         trailer.checksum = Checksum::of(staging, total);
+        *checksum_out = trailer.checksum;
         encode_trailer(trailer, staging + total);
         std::memset(staging + total + kTrailerBytes, 0, file_bytes - total - kTrailerBytes);
         ssize_t n = transfer_all(fd, {{staging, file_bytes}}, 0, true);
@@ -353,6 +398,7 @@ std::string PosixStore::write_shard(int fd, const ShardIO& item) {
         offset += static_cast<off_t>(piece_bytes);
     }
     trailer.checksum = checksum.finish();
+    *checksum_out = trailer.checksum;
     encode_trailer(trailer, trailer_bytes);
     ssize_t n = transfer_all(fd, {{trailer_bytes, kTrailerBytes}}, offset, true);
     if (n < 0) return "write failed: " + errno_text(static_cast<int>(-n));
@@ -380,8 +426,21 @@ TaskPtr PosixStore::load(std::vector<ShardIO> items) {
 
 std::string PosixStore::load_one(const ShardIO& item) {
     if (config_.num_shards > 1 && !exists(visible_path(item.id))) return "not found";
-    int flags = O_RDONLY | O_CLOEXEC | (config_.direct_io ? O_DIRECT : 0);
     std::string path = shard_path(item.id, item.shard);
+    bool tier_missed = false;
+    if (tier_) {
+        // The tier serves a copy only of the file the store holds now (see FileIdentity).
+        FileFacts facts;
+        if (!file_facts(blocks_fd_, path.c_str(), 0, &facts)) {
+            return errno == ENOENT ? "not found" : "cannot stat: " + errno_text(errno);
+        }
+        if (tier_->read(item, facts.identity) == SharedTier::Read::kHit) {
+            touch_path(path, facts.mtime_s);
+            return {};
+        }
+        tier_missed = true;
+    }
+    int flags = O_RDONLY | O_CLOEXEC | (config_.direct_io ? O_DIRECT : 0);
     FdGuard fd{::openat(blocks_fd_, path.c_str(), flags)};
     if (fd.fd < 0) return errno == ENOENT ? "not found" : "cannot open: " + errno_text(errno);
     std::string error;
@@ -392,6 +451,12 @@ std::string PosixStore::load_one(const ShardIO& item) {
     }
     if (error.empty()) {
         touch(fd.fd);
+        if (tier_missed) {
+            // Copy it into the tier in the background, for the next load by any process.
+            std::lock_guard<std::mutex> lock(fill_mutex_);
+            if (fill_queue_.size() < kMaxFillQueue) fill_queue_.push_back(path);
+            fill_cv_.notify_one();
+        }
     } else if (is_damage(error)) {
         discard_damaged(fd.fd, path, item.id);
     }
@@ -404,6 +469,11 @@ void PosixStore::touch(int fd) {
     struct stat st;
     if (::fstat(fd, &st) == 0 && static_cast<int64_t>(std::time(nullptr)) - st.st_mtim.tv_sec < kTouchSeconds) return;
     ::futimens(fd, nullptr);
+}
+
+void PosixStore::touch_path(const std::string& path, int64_t mtime_s) const {
+    if (static_cast<int64_t>(std::time(nullptr)) - mtime_s < kTouchSeconds) return;
+    ::utimensat(blocks_fd_, path.c_str(), nullptr, 0);
 }
 
 bool PosixStore::is_damage(const std::string& error) {
@@ -544,6 +614,7 @@ void PosixStore::prefetch(const std::vector<std::string>& ids) {
 
 void PosixStore::remove(const std::vector<std::string>& ids) {
     for (const std::string& id : ids) {
+        if (tier_) tier_->invalidate(id, config_.num_shards);
         // Hide the block first, so no reader sees it with shards missing.
         ::unlinkat(blocks_fd_, visible_path(id).c_str(), 0);
         if (config_.num_shards > 1) {
@@ -735,28 +806,83 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
     std::sort(files.begin(), files.end(), std::greater<>());
 
     // Reading (rather than read-ahead advice) also marks pages already cached as recently used, so
-    // the kernel keeps them as long as the pages just read.
+    // the kernel keeps them as long as the pages just read. With the shared tier, each file is
+    // copied into it instead (and so read too), unless the tier holds that file already.
     std::vector<uint8_t> buffer(1 << 20);
     uint64_t done_files = 0;
     uint64_t done_bytes = 0;
     for (const auto& [mtime, path] : files) {
         if (done_bytes >= budget_bytes || prewarm_stop_.load()) break;
-        FdGuard fd{::openat(blocks_fd_, path.c_str(), O_RDONLY | O_CLOEXEC)};
-        if (fd.fd < 0) continue;  // removed meanwhile
-        off_t offset = 0;
-        for (;;) {
-            ssize_t n = ::pread(fd.fd, buffer.data(), buffer.size(), offset);
-            if (n <= 0) break;
-            offset += n;
+        uint64_t bytes = 0;
+        if (tier_) {
+            struct stat st;
+            if (::fstatat(blocks_fd_, path.c_str(), &st, 0) != 0) continue;  // removed meanwhile
+            fill_tier(path);
+            bytes = static_cast<uint64_t>(st.st_size);
+        } else {
+            FdGuard fd{::openat(blocks_fd_, path.c_str(), O_RDONLY | O_CLOEXEC)};
+            if (fd.fd < 0) continue;  // removed meanwhile
+            off_t offset = 0;
+            for (;;) {
+                ssize_t n = ::pread(fd.fd, buffer.data(), buffer.size(), offset);
+                if (n <= 0) break;
+                offset += n;
+            }
+            bytes = static_cast<uint64_t>(offset);
         }
         done_files += 1;
-        done_bytes += static_cast<uint64_t>(offset);
+        done_bytes += bytes;
         prewarm_files_.store(done_files);
         prewarm_bytes_.store(done_bytes);
         prewarm_seconds_.store(elapsed());
     }
     prewarm_seconds_.store(elapsed());
     prewarm_running_.store(false);
+}
+
+// ---- shared tier ---------------------------------------------------------------------------
+
+void PosixStore::fill_tier(const std::string& path) {
+    // Read the whole file, verify its trailer and checksum, and copy it into the tier unless the
+    // tier holds this very file already. Runs on background threads only.
+    FdGuard fd{::openat(blocks_fd_, path.c_str(), O_RDONLY | O_CLOEXEC)};
+    FileFacts facts;
+    if (fd.fd < 0 || !file_facts(fd.fd, "", AT_EMPTY_PATH, &facts) || facts.size <= kTrailerBytes) return;
+    size_t size = static_cast<size_t>(facts.size);
+    uint8_t raw[kTrailerBytes];
+    Trailer trailer;
+    if (::pread(fd.fd, raw, kTrailerBytes, static_cast<off_t>(size - kTrailerBytes)) !=
+            static_cast<ssize_t>(kTrailerBytes) ||
+        !decode_trailer(raw, &trailer).empty() || trailer.payload_bytes != size - kTrailerBytes ||
+        trailer.num_shards != config_.num_shards) {
+        return;  // a load of it reports what is wrong
+    }
+    const FileIdentity& file = facts.identity;
+    if (tier_->contains(trailer.id, trailer.shard, trailer.payload_bytes, file)) return;
+    uint8_t* data = direct_staging(size);
+    if (data == nullptr) return;
+    if (transfer_all(fd.fd, {{data, size}}, 0, false) != static_cast<ssize_t>(size)) return;
+    if (Checksum::of(data, trailer.payload_bytes) != trailer.checksum) return;
+    tier_->write(trailer.id, trailer.shard, {{data, trailer.payload_bytes}}, trailer.checksum, file);
+}
+
+void PosixStore::fill_loop() {
+    name_this_thread("ucm-tier-fill");
+    make_this_thread_background();
+    std::unique_lock<std::mutex> lock(fill_mutex_);
+    for (;;) {
+        fill_cv_.wait(lock, [this] { return fill_stopping_ || !fill_queue_.empty(); });
+        if (fill_stopping_) return;
+        std::vector<std::string> paths;
+        paths.swap(fill_queue_);
+        lock.unlock();
+        for (const std::string& path : paths) fill_tier(path);
+        lock.lock();
+    }
+}
+
+SharedTierStats PosixStore::shared_memory_stats() {
+    return tier_ ? tier_->stats() : SharedTierStats{};
 }
 
 }  // namespace ucm

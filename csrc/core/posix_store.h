@@ -8,12 +8,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "buffer.h"
+#include "shared_tier.h"
 #include "task.h"
 #include "thread_pool.h"
 
@@ -26,6 +28,9 @@ struct PosixConfig {
     bool direct_io = false;
     uint64_t capacity_bytes = 0;  // 0: unbounded
     bool fsync = false;
+    uint64_t shared_memory_bytes = 0;  // 0: no shared host-memory tier (shared_tier.h)
+    std::string shared_memory_dir = "/dev/shm";
+    std::string shared_memory_name;  // the arena files' prefix, one per store root
 };
 
 // Progress of PosixStore::prewarm.
@@ -60,6 +65,8 @@ public:
     // one is running.
     void prewarm(uint64_t budget_bytes, int shard);
     PrewarmStats prewarm_stats() const;
+    // The shared host-memory tier's counters (all zero when it is off).
+    SharedTierStats shared_memory_stats();
     void close();
 
 private:
@@ -74,7 +81,7 @@ private:
 
     std::string dump_one(const ShardIO& item);
     std::string load_one(const ShardIO& item);
-    std::string write_shard(int fd, const ShardIO& item);
+    std::string write_shard(int fd, const ShardIO& item, uint64_t* checksum);
     std::string read_shard(int fd, const ShardIO& item);
     std::string read_shard_to_sink(int fd, const ShardIO& item);
     std::string read_shard_direct(int fd, const ShardIO& item);
@@ -94,6 +101,10 @@ private:
         const std::function<void(const std::string&, const std::string&, const struct stat&)>& visit) const;
     void prewarm_loop(uint64_t budget_bytes, int shard);
     static void touch(int fd);
+    void touch_path(const std::string& path, int64_t mtime_s) const;
+    // Copies a verified shard file into the shared tier (prewarm, and files loaded on a tier miss).
+    void fill_tier(const std::string& path);
+    void fill_loop();
     static bool is_damage(const std::string& error);
     void discard_damaged(int fd, const std::string& path, const std::string& id);
     bool tmp_is_abandoned(const std::string& name, int64_t mtime_s) const;
@@ -118,6 +129,12 @@ private:
     std::atomic<double> prewarm_seconds_{0};
     std::atomic<bool> prewarm_stop_{false};
     std::thread prewarmer_;
+    std::unique_ptr<SharedTier> tier_;
+    std::mutex fill_mutex_;
+    std::condition_variable fill_cv_;
+    std::vector<std::string> fill_queue_;  // files to copy into the tier, in the background
+    bool fill_stopping_ = false;
+    std::thread filler_;
     std::mutex close_mutex_;
     bool closed_ = false;
 };

@@ -273,9 +273,13 @@ PyTask submit_load_into(Store& store, const py::sequence& ids, const py::object&
 class PyPosixStore {
 public:
     PyPosixStore(std::string root, uint32_t num_shards, size_t threads, bool direct_io, uint64_t capacity_bytes,
-                 bool fsync, uint64_t shard_bytes)
+                 bool fsync, uint64_t shard_bytes, uint64_t shared_memory_bytes, std::string shared_memory_dir,
+                 std::string shared_memory_name)
         : num_shards_(num_shards), shard_bytes_(shard_bytes) {
-        ucm::PosixConfig config{std::move(root), num_shards, threads, direct_io, capacity_bytes, fsync};
+        ucm::PosixConfig config{std::move(root), num_shards,          threads,
+                                direct_io,       capacity_bytes,      fsync,
+                                shared_memory_bytes, std::move(shared_memory_dir),
+                                std::move(shared_memory_name)};
         py::gil_scoped_release release;
         store_ = std::make_unique<ucm::PosixStore>(std::move(config));
     }
@@ -489,9 +493,11 @@ PYBIND11_MODULE(_native, m) {
         .def("wait", &PyTask::wait, "Block until done; return [(id, reason)] of the failed blocks.");
 
     py::class_<PyPosixStore>(m, "PosixStore")
-        .def(py::init<std::string, uint32_t, size_t, bool, uint64_t, bool, uint64_t>(), py::arg("root"),
-             py::arg("num_shards"), py::arg("threads"), py::arg("direct_io"), py::arg("capacity_bytes"),
-             py::arg("fsync"), py::arg("shard_bytes"))
+        .def(py::init<std::string, uint32_t, size_t, bool, uint64_t, bool, uint64_t, uint64_t, std::string,
+                      std::string>(),
+             py::arg("root"), py::arg("num_shards"), py::arg("threads"), py::arg("direct_io"),
+             py::arg("capacity_bytes"), py::arg("fsync"), py::arg("shard_bytes"), py::arg("shared_memory_bytes"),
+             py::arg("shared_memory_dir"), py::arg("shared_memory_name"))
         .def("lookup", [](PyPosixStore& s, const py::sequence& ids) { return lookup(s.store(), ids); })
         .def("lookup_prefix", [](PyPosixStore& s, const py::sequence& ids) { return lookup_prefix(s.store(), ids); })
         .def("dump", [](PyPosixStore& s, const py::sequence& ids, const py::sequence& buffers,
@@ -530,6 +536,27 @@ PYBIND11_MODULE(_native, m) {
                  out["files"] = stats.files;
                  out["bytes"] = stats.bytes;
                  out["seconds"] = stats.seconds;
+                 return out;
+             })
+        .def("shared_memory_stats",
+             [](PyPosixStore& s) {
+                 ucm::SharedTierStats stats;
+                 {
+                     py::gil_scoped_release release;
+                     stats = s.store().shared_memory_stats();
+                 }
+                 py::dict out;
+                 out["hits"] = stats.hits;
+                 out["misses"] = stats.misses;
+                 out["stale"] = stats.stale;
+                 out["failed"] = stats.failed;
+                 out["written"] = stats.written;
+                 out["unwritten"] = stats.unwritten;
+                 out["arenas"] = stats.arenas;
+                 out["slots"] = stats.slots;
+                 out["filled"] = stats.filled;
+                 out["writing"] = stats.writing;
+                 out["error"] = stats.error;
                  return out;
              })
         .def("close", [](PyPosixStore& s) {

@@ -184,18 +184,32 @@ def load_entries(store, entries: Sequence[Entry], kinds: Sequence[str] = ("bytea
 # -- store configurations ------------------------------------------------------------------
 
 #: Every store configuration the contract tests run against.
-STORE_KINDS = ("posix", "memory", "memory+posix", "example-dict", "memory+example-dict", "redis", "memory+redis")
+STORE_KINDS = (
+    "posix",
+    "posix+shm",
+    "memory",
+    "memory+posix",
+    "example-dict",
+    "memory+example-dict",
+    "redis",
+    "memory+redis",
+)
 
 #: Set by the ``redis_server`` fixture (tests/store/conftest.py); child processes inherit it.
 REDIS_URL_ENV = "UCM_TEST_REDIS_URL"
 
 MEMORY_CAPACITY = 256 << 20
+SHARED_MEMORY_CAPACITY = 16 << 20
 
 
 def store_config(kind: str, root: Path, num_shards: int = 1, **options) -> tuple[str, dict]:
     """``(store name, config)`` for one of :data:`STORE_KINDS`; ``options`` go to the outer store."""
     if kind == "posix":
         return "posix", {"root": str(root), "num_shards": num_shards, **options}
+    if kind == "posix+shm":
+        # The shared host-memory tier in front of the files; its arenas go where the session says.
+        config = {"root": str(root), "num_shards": num_shards, "shared_memory_bytes": SHARED_MEMORY_CAPACITY}
+        return "posix", {**config, **options}
     if kind == "example-dict":
         return "example-dict", {"num_shards": num_shards, **options}
     if kind == "redis":

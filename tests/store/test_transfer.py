@@ -143,7 +143,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["posix", "redis"])
+@pytest.mark.parametrize("kind", ["posix", "posix+shm", "redis"])
 @pytest.mark.parametrize(("layout", "dtype", "chunk", "tokens"), CASES)
 def test_chunks_load_straight_into_another_cache(open_test_store, request, layout, dtype, chunk, tokens, kind):
     if kind == "redis":
@@ -168,6 +168,8 @@ def test_chunks_load_straight_into_another_cache(open_test_store, request, layou
     assert store.can_load_into
     store.wait(store.load_into(ids, into))
     assert_moved_exactly(source, target, blocks, offsets, chunk)
+    if kind == "posix+shm":  # served from the shared tier's copies, made when they were dumped
+        assert store.shared_memory_stats()["hits"] == len(blocks)
 
     # The staging path puts the same bytes in the same places.
     staged = make_cache(layout, dtype, seed=None, tokens=tokens)

@@ -4,11 +4,14 @@ Many processes and hosts may share one root. Visibility is atomic (a shard is wr
 temporary file and renamed into place; a multi-shard block becomes visible when its commit
 marker appears), every shard carries a checksum verified on load, and with ``capacity_bytes``
 the least recently loaded blocks are evicted by whichever process notices the root is full.
-The layout is described in docs/store.md.
+With ``shared_memory_bytes``, the processes of one host also share a host-memory tier: a copy of
+each shard written or loaded is kept in a memory filesystem, and loads are served from there
+while the copy matches the store's file. The layout is described in docs/store.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -21,6 +24,7 @@ from ucm.store._native_store import NativeStore
 FORMAT_NAME = "ucm-store"
 FORMAT_VERSION = 1
 MANIFEST = "ucm-store.json"
+SHARED_MEMORY_DIR_ENV = "UCM_SHARED_MEMORY_DIR"
 
 
 class PosixStore(NativeStore):
@@ -32,6 +36,14 @@ class PosixStore(NativeStore):
         "capacity_bytes": Option(int, None, minimum=1, help="evict least recently used blocks above this size"),
         "fsync": Option(bool, False, help="flush each shard to stable storage before it becomes visible"),
         "shard_bytes": Option(int, None, minimum=1, help="reject transfers whose buffers do not total this size"),
+        "shared_memory_bytes": Option(
+            int, 0, minimum=0, help="size of a host-memory tier that this host's processes share (0: none)"
+        ),
+        "shared_memory_dir": Option(
+            (str, os.PathLike),
+            None,
+            help="memory filesystem of the shared tier (default: $UCM_SHARED_MEMORY_DIR, else /dev/shm)",
+        ),
     }
 
     def __init__(self, config: Mapping[str, Any]):
@@ -39,6 +51,13 @@ class PosixStore(NativeStore):
         root = os.path.abspath(os.fspath(self.config["root"]))
         self.config["root"] = root
         _prepare_root(root)
+        shm_dir = os.fspath(self.config["shared_memory_dir"] or os.environ.get(SHARED_MEMORY_DIR_ENV) or "/dev/shm")
+        self.config["shared_memory_dir"] = shm_dir
+        if self.config["shared_memory_bytes"] and not os.path.isdir(shm_dir):
+            raise ValueError(
+                f"store 'posix': shared_memory_dir {shm_dir!r} is not a directory; "
+                "point it at a memory filesystem (tmpfs) or set shared_memory_bytes to 0"
+            )
         try:
             self._native = _native.PosixStore(
                 root=root,
@@ -48,6 +67,9 @@ class PosixStore(NativeStore):
                 capacity_bytes=self.config["capacity_bytes"] or 0,
                 fsync=self.config["fsync"],
                 shard_bytes=self.config["shard_bytes"] or 0,
+                shared_memory_bytes=self.config["shared_memory_bytes"],
+                shared_memory_dir=shm_dir,
+                shared_memory_name=shared_memory_name(root),
             )
         except ValueError as exc:
             raise ValueError(f"store 'posix': {exc}") from None
@@ -72,12 +94,37 @@ class PosixStore(NativeStore):
     def prewarm_stats(self) -> dict[str, Any]:
         return self._native.prewarm_stats()
 
+    def shared_memory_stats(self) -> dict[str, Any]:
+        """Counters of the shared host-memory tier: loads it served (``hits``), did not hold
+        (``misses``), held only for a file since replaced (``stale``) or lost to a concurrent writer or
+        damage (``failed``); shards copied in (``written``) or not (``unwritten``); its ``arenas``,
+        ``slots``, ``filled`` slots, slots a writer holds (``writing``), and any ``error`` opening it."""
+        return self._native.shared_memory_stats()
+
     def remove(self, ids: Sequence[bytes]) -> None:
         self._native.remove(ids)
 
     def evict_now(self) -> int:
         """Run one eviction pass now (also removes temporary files of dead writers); return bytes freed."""
         return self._native.evict_now()
+
+
+def shared_memory_name(root: str | os.PathLike) -> str:
+    """The prefix of the shared tier's arena files of a store root (one tier per root and host)."""
+    digest = hashlib.blake2b(os.fsencode(os.path.realpath(root)), digest_size=8).hexdigest()
+    return f"ucm-{digest}"
+
+
+def shared_memory_files(root: str | os.PathLike, directory: str | os.PathLike | None = None) -> list[str]:
+    """The arena files of a store root's shared tier, in ``directory`` (default: where stores put
+    them); removing them frees their memory (processes that map one keep it until they exit)."""
+    directory = os.fspath(directory or os.environ.get(SHARED_MEMORY_DIR_ENV) or "/dev/shm")
+    prefix = shared_memory_name(root) + "-"
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(directory, n) for n in names if n.startswith(prefix) and n.endswith(".arena"))
 
 
 def _prepare_root(root: str) -> None:

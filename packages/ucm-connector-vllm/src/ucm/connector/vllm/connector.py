@@ -56,6 +56,9 @@ log = logging.getLogger("ucm.connector.vllm")
 DEFAULT_PREWARM_CAP = 4 << 30
 #: Default bound on bytes copied out for saving and not yet in the store, at most.
 DEFAULT_SAVE_BACKLOG_CAP = 4 << 30
+#: Default size of the posix store's shared host-memory tier, at most (it also stays within a
+#: quarter of the memory available and half the free space of its memory filesystem).
+DEFAULT_SHARED_MEMORY_CAP = 4 << 30
 #: Seconds between two warnings about skipped saves.
 SKIP_WARNING_INTERVAL_S = 60.0
 
@@ -128,6 +131,12 @@ class UcmConnector(KVConnectorBase_V1):
         self.tp_size = parallel.tensor_parallel_size
         self.namespace = chunk_keys.namespace_digest(self._namespace_fields(vllm_config))
         store_config = self.config.resolved_store_config(num_shards=self.tp_size)
+        if self.config.store == "posix":
+            # Only the worker moves bytes; the scheduler's store only looks chunks up.
+            if role == KVConnectorRole.SCHEDULER:
+                store_config["shared_memory_bytes"] = 0
+            elif store_config.get("shared_memory_bytes") is None:
+                store_config["shared_memory_bytes"] = _default_shared_memory_bytes(store_config)
         self.store = open_store(self.config.store, store_config)
         self._warn_if_process_local(store_config, vllm_config.model_config.model)
         if role == KVConnectorRole.SCHEDULER and self._loads_enabled:
@@ -641,12 +650,43 @@ def _kv_cache_bytes(kv_caches: dict[str, Any]) -> int:
 
 
 def _available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (0 where it cannot be read: no prewarm by default)."""
+    """MemAvailable from /proc/meminfo, or less where the process's cgroup (v2) allows less (its
+    limit less what it uses, counting inactive file pages as free); 0 where it cannot be read (no
+    prewarm and no shared tier by default)."""
+    available = 0
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        return 0
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            current = int(f.read().strip())
+        with open("/sys/fs/cgroup/memory.stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("inactive_file "):
+                    current -= int(line.split()[1])
+                    break
+        if limit != "max":
+            available = min(available, max(0, int(limit) - current))
     except (OSError, ValueError):
         pass
-    return 0
+    return available
+
+
+def _default_shared_memory_bytes(store_config: dict[str, Any]) -> int:
+    """The shared tier's default size: at most DEFAULT_SHARED_MEMORY_CAP, a quarter of the memory
+    available, and half the free space of its memory filesystem (other programs use it too)."""
+    from ucm.store.posix import SHARED_MEMORY_DIR_ENV
+
+    directory = store_config.get("shared_memory_dir") or os.environ.get(SHARED_MEMORY_DIR_ENV) or "/dev/shm"
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return 0  # no memory filesystem there: no tier
+    return min(DEFAULT_SHARED_MEMORY_CAP, _available_memory_bytes() // 4, fs.f_bavail * fs.f_frsize // 2)
