@@ -35,7 +35,8 @@ constexpr int64_t kTmpGraceSeconds = 600;  // a temporary file untouched this lo
 constexpr int64_t kLeaseSeconds = 120;     // an eviction lease older than this is abandoned
 constexpr const char* kLease = "evict.lease";  // in the root, while a process runs an eviction pass
 constexpr double kEvictTarget = 0.9;       // evict down to this fraction of the capacity
-constexpr size_t kMaxFillQueue = 65536;    // files waiting to be copied into the shared tier
+constexpr size_t kMaxFillQueue = 16384;    // files waiting to be copied into the shared tier
+constexpr int kCloseFillSeconds = 5;       // close() spends at most this on copies still queued
 const std::string kSizeMismatch = kSizeMismatchPrefix;  // the caller's buffers differ from the stored size
 
 std::string errno_text(int err) { return std::strerror(err); }
@@ -244,13 +245,24 @@ void PosixStore::close() {
     if (prewarmer_.joinable()) prewarmer_.join();
     save_pool_.shutdown();
     pool_.shutdown();
+    std::vector<std::string> unfilled;
     {
         std::lock_guard<std::mutex> lock(fill_mutex_);
         fill_stopping_ = true;
+        unfilled.swap(fill_queue_);
     }
     fill_cv_.notify_all();
     if (filler_.joinable()) filler_.join();
-    if (tier_) tier_->close();
+    if (tier_) {
+        // Copies still queued (the last saves of an engine that exits, say) are made now, within
+        // a bound on the time it takes.
+        auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(kCloseFillSeconds);
+        for (const std::string& path : unfilled) {
+            if (std::chrono::steady_clock::now() > deadline) break;
+            fill_tier(path);
+        }
+        tier_->close();
+    }
     ::close(blocks_fd_);
     ::close(root_fd_);
 }
@@ -335,11 +347,8 @@ std::string PosixStore::dump_one(const ShardIO& item) {
         std::string tmp;
         int fd = open_tmp(block_dir(item.id), &tmp);
         if (fd < 0) return "cannot create a file under " + config_.root + "/blocks: " + errno_text(errno);
-        uint64_t checksum = 0;
-        std::string error = write_shard(fd, item, &checksum);
+        std::string error = write_shard(fd, item);
         if (error.empty() && config_.fsync && ::fdatasync(fd) != 0) error = "fdatasync failed: " + errno_text(errno);
-        FileFacts facts;
-        bool identified = error.empty() && tier_ && file_facts(fd, "", AT_EMPTY_PATH, &facts);
         if (::close(fd) != 0 && error.empty()) error = "close failed: " + errno_text(errno);
         if (error.empty() && ::renameat(blocks_fd_, tmp.c_str(), blocks_fd_, final_path.c_str()) != 0) {
             error = "cannot rename into place: " + errno_text(errno);
@@ -349,14 +358,15 @@ std::string PosixStore::dump_one(const ShardIO& item) {
             return error;
         }
         note_written(item.total_bytes() + kTrailerBytes);
-        // Keep a copy in the shared tier, named after the file it copies (see load_one).
-        if (identified) tier_->write(item.id, item.shard, item.buffers, checksum, facts.identity);
+        // The shared tier gets its copy from the file, on the filler's thread: the save's own
+        // threads compete with the engine's compute, the filler only takes idle time.
+        if (tier_) queue_fill(final_path);
     }
     if (config_.num_shards > 1) commit_marker_if_complete(item.id);
     return {};
 }
 
-std::string PosixStore::write_shard(int fd, const ShardIO& item, uint64_t* checksum_out) {
+std::string PosixStore::write_shard(int fd, const ShardIO& item) {
     size_t total = item.total_bytes();
     Trailer trailer;
     trailer.payload_bytes = total;
@@ -375,7 +385,6 @@ std::string PosixStore::write_shard(int fd, const ShardIO& item, uint64_t* check
             offset += b.size;
         }
         trailer.checksum = Checksum::of(staging, total);
-        *checksum_out = trailer.checksum;
         encode_trailer(trailer, staging + total);
         std::memset(staging + total + kTrailerBytes, 0, file_bytes - total - kTrailerBytes);
         ssize_t n = transfer_all(fd, {{staging, file_bytes}}, 0, true);
@@ -398,7 +407,6 @@ std::string PosixStore::write_shard(int fd, const ShardIO& item, uint64_t* check
         offset += static_cast<off_t>(piece_bytes);
     }
     trailer.checksum = checksum.finish();
-    *checksum_out = trailer.checksum;
     encode_trailer(trailer, trailer_bytes);
     ssize_t n = transfer_all(fd, {{trailer_bytes, kTrailerBytes}}, offset, true);
     if (n < 0) return "write failed: " + errno_text(static_cast<int>(-n));
@@ -434,11 +442,12 @@ std::string PosixStore::load_one(const ShardIO& item) {
         if (!file_facts(blocks_fd_, path.c_str(), 0, &facts)) {
             return errno == ENOENT ? "not found" : "cannot stat: " + errno_text(errno);
         }
-        if (tier_->read(item, facts.identity) == SharedTier::Read::kHit) {
+        SharedTier::Read read = tier_->read(item, facts.identity);
+        if (read == SharedTier::Read::kHit) {
             touch_path(path, facts.mtime_s);
             return {};
         }
-        tier_missed = true;
+        tier_missed = read != SharedTier::Read::kUnavailable;
     }
     int flags = O_RDONLY | O_CLOEXEC | (config_.direct_io ? O_DIRECT : 0);
     FdGuard fd{::openat(blocks_fd_, path.c_str(), flags)};
@@ -451,12 +460,7 @@ std::string PosixStore::load_one(const ShardIO& item) {
     }
     if (error.empty()) {
         touch(fd.fd);
-        if (tier_missed) {
-            // Copy it into the tier in the background, for the next load by any process.
-            std::lock_guard<std::mutex> lock(fill_mutex_);
-            if (fill_queue_.size() < kMaxFillQueue) fill_queue_.push_back(path);
-            fill_cv_.notify_one();
-        }
+        if (tier_missed) queue_fill(path);  // for the next load by any process
     } else if (is_damage(error)) {
         discard_damaged(fd.fd, path, item.id);
     }
@@ -866,6 +870,18 @@ void PosixStore::fill_tier(const std::string& path) {
     tier_->write(trailer.id, trailer.shard, {{data, trailer.payload_bytes}}, trailer.checksum, file);
 }
 
+void PosixStore::queue_fill(const std::string& path) {
+    std::lock_guard<std::mutex> lock(fill_mutex_);
+    if (fill_stopping_ || fill_queue_.size() >= kMaxFillQueue) return;  // a later load queues it again
+    fill_queue_.push_back(path);
+    fill_cv_.notify_all();
+}
+
+void PosixStore::wait_fills() {
+    std::unique_lock<std::mutex> lock(fill_mutex_);
+    fill_cv_.wait(lock, [this] { return fill_stopping_ || (fill_queue_.empty() && !fill_busy_); });
+}
+
 void PosixStore::fill_loop() {
     name_this_thread("ucm-tier-fill");
     make_this_thread_background();
@@ -875,9 +891,15 @@ void PosixStore::fill_loop() {
         if (fill_stopping_) return;
         std::vector<std::string> paths;
         paths.swap(fill_queue_);
+        fill_busy_ = true;
         lock.unlock();
-        for (const std::string& path : paths) fill_tier(path);
+        for (const std::string& path : paths) {
+            if (fill_stopping_) break;  // closing: a later load copies the rest
+            fill_tier(path);
+        }
         lock.lock();
+        fill_busy_ = false;
+        fill_cv_.notify_all();
     }
 }
 

@@ -67,6 +67,8 @@ public:
     PrewarmStats prewarm_stats() const;
     // The shared host-memory tier's counters (all zero when it is off).
     SharedTierStats shared_memory_stats();
+    // Blocks until the copies queued for the shared tier (files just written or loaded) are made.
+    void wait_fills();
     void close();
 
 private:
@@ -81,7 +83,7 @@ private:
 
     std::string dump_one(const ShardIO& item);
     std::string load_one(const ShardIO& item);
-    std::string write_shard(int fd, const ShardIO& item, uint64_t* checksum);
+    std::string write_shard(int fd, const ShardIO& item);
     std::string read_shard(int fd, const ShardIO& item);
     std::string read_shard_to_sink(int fd, const ShardIO& item);
     std::string read_shard_direct(int fd, const ShardIO& item);
@@ -104,6 +106,7 @@ private:
     void touch_path(const std::string& path, int64_t mtime_s) const;
     // Copies a verified shard file into the shared tier (prewarm, and files loaded on a tier miss).
     void fill_tier(const std::string& path);
+    void queue_fill(const std::string& path);
     void fill_loop();
     static bool is_damage(const std::string& error);
     void discard_damaged(int fd, const std::string& path, const std::string& id);
@@ -133,7 +136,8 @@ private:
     std::mutex fill_mutex_;
     std::condition_variable fill_cv_;
     std::vector<std::string> fill_queue_;  // files to copy into the tier, in the background
-    bool fill_stopping_ = false;
+    std::atomic<bool> fill_stopping_{false};
+    bool fill_busy_ = false;
     std::thread filler_;
     std::mutex close_mutex_;
     bool closed_ = false;

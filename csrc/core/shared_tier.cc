@@ -38,7 +38,7 @@ constexpr size_t kPieceBytes = 256 << 10;  // checksum a piece, then hand it on 
 struct SlotHeader {
     std::atomic<uint64_t> seq;        // odd: owned by a writer
     uint64_t checksum;                // of the payload
-    std::atomic<uint64_t> used_s;     // last load or write (seconds since the epoch), for replacement
+    std::atomic<uint64_t> used_ms;    // last load or write (milliseconds since the epoch), for replacement
     std::atomic<uint64_t> claimed_s;  // when the current owner took the slot
     uint64_t ino;                     // the store file the payload was copied from (FileIdentity)
     uint64_t stamp;
@@ -54,6 +54,12 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free, "slots are shared betw
 size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
 uint64_t now_s() { return static_cast<uint64_t>(std::time(nullptr)); }
+
+uint64_t now_ms() {
+    struct timespec ts;
+    ::clock_gettime(CLOCK_REALTIME, &ts);
+    return static_cast<uint64_t>(ts.tv_sec) * 1000 + static_cast<uint64_t>(ts.tv_nsec) / 1000000;
+}
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -172,7 +178,7 @@ std::unique_ptr<SharedTier::Arena> SharedTier::open_arena(const std::string& pat
         arena = std::make_unique<Arena>();
         arena->path = path;
         arena->payload_bytes = payload_bytes;
-        arena->fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0644);
+        arena->fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0600);
         if (arena->fd < 0) {
             *error = "cannot open " + path + ": " + errno_text(errno);
             return nullptr;
@@ -289,7 +295,7 @@ SharedTier::Read SharedTier::read(const ShardIO& item, const FileIdentity& file)
     Arena* arena = total > 0 ? arena_for(total) : nullptr;
     if (arena == nullptr) {
         misses_.fetch_add(1, std::memory_order_relaxed);
-        return Read::kMiss;
+        return Read::kUnavailable;
     }
     uint64_t first = arena->set_of(item.id, item.shard) * arena->ways;
     bool saw_stale = false;
@@ -322,7 +328,7 @@ SharedTier::Read SharedTier::read(const ShardIO& item, const FileIdentity& file)
         std::atomic_thread_fence(std::memory_order_acquire);
         bool unchanged = slot->seq.load(std::memory_order_relaxed) == seq;
         if (unchanged && checksum.finish() == expected) {
-            slot->used_s.store(now_s(), std::memory_order_relaxed);
+            slot->used_ms.store(now_ms(), std::memory_order_relaxed);
             hits_.fetch_add(1, std::memory_order_relaxed);
             return Read::kHit;
         }
@@ -377,7 +383,7 @@ void SharedTier::write(const std::string& id, uint32_t shard, const std::vector<
                 rank = 0;
             } else {
                 rank = 3;
-                used = slot->used_s.load(std::memory_order_relaxed);
+                used = slot->used_ms.load(std::memory_order_relaxed);
             }
             if (rank < pick_rank || (rank == pick_rank && used < pick_used)) {
                 pick = i;
@@ -411,7 +417,7 @@ void SharedTier::write(const std::string& id, uint32_t shard, const std::vector<
             slot->shard = shard;
             std::memcpy(slot->id, id.data(), id.size());
             slot->id_len = static_cast<uint32_t>(id.size());
-            slot->used_s.store(now, std::memory_order_relaxed);
+            slot->used_ms.store(now_ms(), std::memory_order_relaxed);
         }
         // Publish, unless another writer took the slot over meanwhile (it then owns it).
         uint64_t expected = owned;

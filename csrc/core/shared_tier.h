@@ -77,7 +77,8 @@ class SharedTier {
     SharedTier(const SharedTier&) = delete;
     SharedTier& operator=(const SharedTier&) = delete;
 
-    enum class Read { kMiss, kHit, kStale, kFailed };
+    // kUnavailable: no arena for shards of this size (it could not be opened, or too many sizes).
+    enum class Read { kMiss, kHit, kStale, kFailed, kUnavailable };
 
     // Copies the slot holding (item.id, item.shard) into the item's buffers or sink, if one holds it
     // and was copied from `file`. On kFailed, what reached the sink is garbage (the caller reads the

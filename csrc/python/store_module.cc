@@ -538,6 +538,11 @@ PYBIND11_MODULE(_native, m) {
                  out["seconds"] = stats.seconds;
                  return out;
              })
+        .def("wait_shared_memory",
+             [](PyPosixStore& s) {
+                 py::gil_scoped_release release;
+                 s.store().wait_fills();
+             })
         .def("shared_memory_stats",
              [](PyPosixStore& s) {
                  ucm::SharedTierStats stats;

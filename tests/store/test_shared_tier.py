@@ -101,6 +101,7 @@ config, tag, count, size = storetest.child_args()
 with open_store("posix", config) as store:
     ids = storetest.block_ids(count, tag)
     storetest.dump_entries(store, [(i, 0, storetest.payload(i, 0, size)) for i in ids])
+    store.wait_shared_memory()
     print(store.shared_memory_stats()["written"])
 """
 
@@ -177,6 +178,7 @@ def test_removed_blocks_are_not_served_from_shared_memory(tier):
     entries = make_entries(ids, low=20_000, high=20_000)
     with open_store("posix", tier()) as store:
         dump_entries(store, entries)
+        store.wait_shared_memory()
         store.remove(ids[:1])
         assert store.shared_memory_stats()["filled"] == 2
         failed, wrong = load_entries(store, entries)
@@ -197,9 +199,11 @@ def test_slots_of_a_dead_writer_are_taken_over_and_live_ones_are_not(tier):
     arena.own(1, now)
     with open_store("posix", config) as store:
         dump_entries(store, entries[2:3])
+        store.wait_shared_memory()
         assert store.shared_memory_stats()["unwritten"] == 1  # no slot to take: it did not wait
         arena.own(0, now - 3600)  # that writer died an hour ago
         dump_entries(store, entries[3:4])
+        store.wait_shared_memory()
         assert store.shared_memory_stats()["written"] == 1
         assert load_entries(store, entries[3:4]) == ([], [])
         stats = store.shared_memory_stats()
@@ -223,7 +227,8 @@ with open_store("posix", config) as store:
     while True:
         store.remove([block])
         store.wait(store.dump([block], [versions[i % 2]]))
-        time.sleep(0.003)  # leave the copy in place a moment, as a real workload would
+        store.wait_shared_memory()
+        time.sleep(0.005)  # leave the copy in place a moment, as a real workload would
         i += 1
 """
 
@@ -266,7 +271,8 @@ def test_a_writer_killed_while_filling_the_tier_leaves_only_whole_copies(tier):
         "with open_store('posix', config) as store:\n"
         "    print('ready', flush=True)\n"
         "    for block in storetest.block_ids(400, tag):\n"
-        "        store.wait(store.dump([block], [storetest.big_entry(block)[2]]))\n",
+        "        store.wait(store.dump([block], [storetest.big_entry(block)[2]]))\n"
+        "        store.wait_shared_memory()\n",
         config,
         tag,
     )

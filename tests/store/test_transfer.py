@@ -162,13 +162,15 @@ def test_chunks_load_straight_into_another_cache(open_test_store, request, layou
     ids = block_ids(len(blocks), f"{layout}-{chunk}")
     store.wait(store.dump(ids, [list(per_chunk[:, i]) for i in range(len(blocks))]))
 
+    if kind == "posix+shm":
+        store.wait_shared_memory()  # the copies are made in the background
     target = make_cache(layout, dtype, seed=None, tokens=tokens)
     into = paged_target(geometry(target, chunk), blocks, offsets)
     assert len(into) == len(blocks) and into.chunk_bytes == per_chunk[:, 0].nbytes
     assert store.can_load_into
     store.wait(store.load_into(ids, into))
     assert_moved_exactly(source, target, blocks, offsets, chunk)
-    if kind == "posix+shm":  # served from the shared tier's copies, made when they were dumped
+    if kind == "posix+shm":  # served from the shared tier's copies of the files
         assert store.shared_memory_stats()["hits"] == len(blocks)
 
     # The staging path puts the same bytes in the same places.

@@ -94,6 +94,12 @@ class PosixStore(NativeStore):
     def prewarm_stats(self) -> dict[str, Any]:
         return self._native.prewarm_stats()
 
+    def wait_shared_memory(self) -> None:
+        """Wait until the shared tier holds copies of the files this store has written or loaded from
+        disk so far (a background thread at the lowest CPU priority makes them; ``close`` makes the
+        ones still queued, for at most 5 seconds)."""
+        self._native.wait_shared_memory()
+
     def shared_memory_stats(self) -> dict[str, Any]:
         """Counters of the shared host-memory tier: loads it served (``hits``), did not hold
         (``misses``), held only for a file since replaced (``stale``) or lost to a concurrent writer or
