@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from connectortest import HITS, SINGLE, EngineResult, assert_same_outputs, loadable
+from connectortest import HITS, SINGLE, EngineResult, assert_same_outputs, block_files, loadable
 
 from ucm.connector.vllm.config import ConnectorConfig
 
@@ -79,3 +79,17 @@ def test_a_fresh_engine_prewarms_its_store_and_says_so(first_run, second_run):
     assert float(mib) > 0 and int(files) == first_run["cold32"]["files_at_exit"]
     assert prewarm_lines(first_run, "cold32") == []  # its store was empty: nothing to read
     assert prewarm_lines(second_run, "warm128") == []  # prewarm_bytes 0
+
+
+def test_a_posix_store_shares_its_chunks_through_host_memory_by_default(first_run, stores):
+    """With the posix store, the connector turns on the store's shared host-memory tier: every chunk
+    the cold engine saved has a copy there (in the session's ``UCM_SHARED_MEMORY_DIR``), for the next
+    engine process of this host to load from memory; ``shared_memory_bytes`` 0 turns it off."""
+    from ucm.store import open_store
+    from ucm.store.posix import shared_memory_files
+
+    root = stores["s32"]
+    assert EngineResult(first_run["cold32"]).files_at_exit > 0
+    assert len(shared_memory_files(root)) == 1
+    with open_store("posix", {"root": str(root), "shared_memory_bytes": 1 << 20}) as store:
+        assert store.shared_memory_stats()["filled"] == len(block_files(root))

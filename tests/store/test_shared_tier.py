@@ -134,6 +134,23 @@ def test_without_the_tier_nothing_is_kept_in_shared_memory(tier):
     assert list(tier.directory.iterdir()) == []
 
 
+def test_prewarm_copies_files_written_without_the_tier_into_it(tier):
+    # As after a reboot: the files are there, the memory filesystem is empty.
+    ids = block_ids(12, "prewarm")
+    entries = make_entries(ids, low=40_000, high=40_000)
+    with open_store("posix", tier(shared_memory_bytes=0)) as store:
+        dump_entries(store, entries)
+    with open_store("posix", tier()) as store:
+        store.prewarm(1 << 30)
+        deadline = time.monotonic() + 20
+        while store.prewarm_stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.shared_memory_stats()["filled"] == 12
+    with open_store("posix", tier()) as store:
+        assert load_entries(store, entries) == ([], [])
+        assert store.shared_memory_stats()["hits"] == 12
+
+
 def test_a_damaged_copy_is_never_served_and_the_store_file_is(tier):
     config = tier()
     ids = block_ids(6, "damaged")
