@@ -604,7 +604,11 @@ class _Engine:
                 kv_connector="UcmConnector",
                 kv_role="kv_both",
                 kv_load_failure_policy="recompute",
-                kv_connector_extra_config={"store_config": {"root": spec.store}, **spec.ucm_config},
+                kv_connector_extra_config={
+                    **spec.ucm_config,
+                    # --ucm-config's store settings go beside the bench's root, not in its place.
+                    "store_config": {"root": spec.store, **spec.ucm_config.get("store_config", {})},
+                },
             )
         elif spec.connector == "example":
             transfer = KVTransferConfig(
@@ -1791,6 +1795,12 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
             if settings.page_in
             else " (reads come from the OS page cache, or from the disk for what it no longer holds: see the "
             "fresh-process table)"
+        )
+        + (
+            "; UCM's posix store without its shared host-memory tier (--ucm-config turns it off)"
+            if (settings.ucm_config or {}).get("store_config", {}).get("shared_memory_bytes") == 0
+            else "; UCM's posix store with its shared host-memory tier, as the connector sets it by default (its "
+            "loads copy chunks that an earlier process saved out of /dev/shm)"
         ),
     ]
     if not settings.model:

@@ -158,7 +158,9 @@ bool file_facts(int dirfd, const char* path, int flags, FileFacts* out) {
     uint64_t born = (stx.stx_mask & STATX_BTIME) != 0
                         ? static_cast<uint64_t>(stx.stx_btime.tv_sec) * 1000000000ULL + stx.stx_btime.tv_nsec
                         : 0;
-    uint64_t words[3] = {stx.stx_dev_major, stx.stx_dev_minor, born};
+    // The size too: store files never change once in place, so a file truncated or grown in
+    // place (damage) no longer matches the copy made from it, and the load finds the damage.
+    uint64_t words[4] = {stx.stx_dev_major, stx.stx_dev_minor, born, stx.stx_size};
     out->identity = {stx.stx_ino, hash_key(words, sizeof(words))};
     out->mtime_s = stx.stx_mtime.tv_sec;
     out->size = stx.stx_size;

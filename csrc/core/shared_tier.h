@@ -23,7 +23,7 @@
 // compare-and-swap, fills the slot, and publishes by moving it to the next even value. A reader
 // copies the payload while checksumming it, then re-reads the count: a count that moved means a
 // writer overwrote the slot meanwhile, and the read fails (the caller reads the file instead). A
-// slot also names the file (inode, device, birth time) its bytes were copied from; the caller serves it only
+// slot also names the file (inode, device, size, birth time) its bytes were copied from; the caller serves it only
 // while that file is still the store's file for the shard, so the tier never outlives or
 // contradicts the store. A writer that died while owning a slot leaves it odd: after
 // kStaleClaimSeconds another writer takes it over.
@@ -44,8 +44,8 @@
 namespace ucm {
 
 // The identity of the store file a slot's bytes were copied from: its inode number, and a stamp
-// mixing its device with its birth time where the filesystem records one (so an inode number
-// reused by a later file does not match).
+// mixing its device, its size and its birth time where the filesystem records one (so an inode
+// number reused by a later file, or a file damaged in place to another size, does not match).
 struct FileIdentity {
     uint64_t ino = 0;
     uint64_t stamp = 0;

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from storetest import (
     big_entry,
+    block_files,
     block_ids,
     dump_entries,
     load_entries,
@@ -188,6 +189,20 @@ def test_a_block_written_again_without_the_tier_is_not_shadowed_by_its_old_copy(
         failed, wrong = load_entries(store, [(block, 0, new)])
         assert (failed, wrong) == ([], [])
         assert store.shared_memory_stats()["stale"] == 1
+
+
+def test_a_file_truncated_in_place_fails_its_load_despite_the_copy(tier):
+    ids = block_ids(2, "truncated")
+    entries = make_entries(ids, low=30_000, high=30_000)
+    with open_store("posix", tier()) as store:
+        dump_entries(store, entries)
+        store.wait_shared_memory()
+        (victim,) = block_files(Path(store.config["root"]), ids[0])
+        os.truncate(victim, victim.stat().st_size // 2)  # the same inode, now damaged
+        failed, wrong = load_entries(store, entries)
+        assert (failed, wrong) == ([ids[0]], [])
+        stats = store.shared_memory_stats()
+        assert (stats["hits"], stats["stale"]) == (1, 1)
 
 
 def test_removed_blocks_are_not_served_from_shared_memory(tier):
