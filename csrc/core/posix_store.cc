@@ -247,14 +247,14 @@ void PosixStore::close() {
     if (prewarmer_.joinable()) prewarmer_.join();
     save_pool_.shutdown();
     pool_.shutdown();
-    std::vector<std::string> unfilled;
     {
         std::lock_guard<std::mutex> lock(fill_mutex_);
         fill_stopping_ = true;
-        unfilled.swap(fill_queue_);
     }
     fill_cv_.notify_all();
     if (filler_.joinable()) filler_.join();
+    std::vector<std::string> unfilled;
+    unfilled.swap(fill_queue_);  // the filler is gone: no lock needed
     if (tier_) {
         // Copies still queued (the last saves of an engine that exits, say) are made now, within
         // a bound on the time it takes.
@@ -895,11 +895,11 @@ void PosixStore::fill_loop() {
         paths.swap(fill_queue_);
         fill_busy_ = true;
         lock.unlock();
-        for (const std::string& path : paths) {
-            if (fill_stopping_) break;  // closing: a later load copies the rest
-            fill_tier(path);
-        }
+        size_t done = 0;
+        for (; done < paths.size() && !fill_stopping_; ++done) fill_tier(paths[done]);
         lock.lock();
+        // Closing: what is left goes back to the queue, which close() copies (within its bound).
+        fill_queue_.insert(fill_queue_.begin(), paths.begin() + static_cast<std::ptrdiff_t>(done), paths.end());
         fill_busy_ = false;
         fill_cv_.notify_all();
     }
