@@ -61,9 +61,6 @@ from typing import Any
 
 from machine import cpu_model, load_average, package_version  # benchmarks/ is on sys.path when a script runs
 
-#: Where the posix store's shared tier keeps its arena files (ucm.store.posix reads it too).
-SHARED_MEMORY_DIR_ENV = "UCM_SHARED_MEMORY_DIR"
-
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -1744,6 +1741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     # The posix store's shared tier (on by default) keeps its arenas in memory beyond the engines'
     # lives: this run's go in a directory of its own, removed at the end.
+    from ucm.store.posix import SHARED_MEMORY_DIR_ENV
+
     shm_dir = None
     if SHARED_MEMORY_DIR_ENV not in os.environ and os.path.isdir("/dev/shm"):
         shm_dir = tempfile.mkdtemp(prefix="ucm-connector-bench-", dir="/dev/shm")

@@ -469,16 +469,20 @@ std::string PosixStore::load_one(const ShardIO& item) {
     return error;
 }
 
-void PosixStore::touch(int fd) {
+bool PosixStore::touched_recently(int64_t mtime_s) {
     // Recency for eviction lives in the file's mtime. Refreshing it costs a metadata write (an
     // RPC on NFS), so a file touched recently is left alone: eviction needs no finer order.
+    return static_cast<int64_t>(std::time(nullptr)) - mtime_s < kTouchSeconds;
+}
+
+void PosixStore::touch(int fd) {
     struct stat st;
-    if (::fstat(fd, &st) == 0 && static_cast<int64_t>(std::time(nullptr)) - st.st_mtim.tv_sec < kTouchSeconds) return;
+    if (::fstat(fd, &st) == 0 && touched_recently(st.st_mtim.tv_sec)) return;
     ::futimens(fd, nullptr);
 }
 
 void PosixStore::touch_path(const std::string& path, int64_t mtime_s) const {
-    if (static_cast<int64_t>(std::time(nullptr)) - mtime_s < kTouchSeconds) return;
+    if (touched_recently(mtime_s)) return;
     ::utimensat(blocks_fd_, path.c_str(), nullptr, 0);
 }
 
@@ -821,10 +825,8 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
         if (done_bytes >= budget_bytes || prewarm_stop_.load()) break;
         uint64_t bytes = 0;
         if (tier_) {
-            struct stat st;
-            if (::fstatat(blocks_fd_, path.c_str(), &st, 0) != 0) continue;  // removed meanwhile
-            fill_tier(path);
-            bytes = static_cast<uint64_t>(st.st_size);
+            bytes = fill_tier(path);
+            if (bytes == 0) continue;  // removed meanwhile
         } else {
             FdGuard fd{::openat(blocks_fd_, path.c_str(), O_RDONLY | O_CLOEXEC)};
             if (fd.fd < 0) continue;  // removed meanwhile
@@ -848,28 +850,30 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
 
 // ---- shared tier ---------------------------------------------------------------------------
 
-void PosixStore::fill_tier(const std::string& path) {
+uint64_t PosixStore::fill_tier(const std::string& path) {
     // Read the whole file, verify its trailer and checksum, and copy it into the tier unless the
     // tier holds this very file already. Runs on background threads only.
     FdGuard fd{::openat(blocks_fd_, path.c_str(), O_RDONLY | O_CLOEXEC)};
     FileFacts facts;
-    if (fd.fd < 0 || !file_facts(fd.fd, "", AT_EMPTY_PATH, &facts) || facts.size <= kTrailerBytes) return;
+    if (fd.fd < 0 || !file_facts(fd.fd, "", AT_EMPTY_PATH, &facts)) return 0;
     size_t size = static_cast<size_t>(facts.size);
+    if (size <= kTrailerBytes) return size;
     uint8_t raw[kTrailerBytes];
     Trailer trailer;
     if (::pread(fd.fd, raw, kTrailerBytes, static_cast<off_t>(size - kTrailerBytes)) !=
             static_cast<ssize_t>(kTrailerBytes) ||
         !decode_trailer(raw, &trailer).empty() || trailer.payload_bytes != size - kTrailerBytes ||
         trailer.num_shards != config_.num_shards) {
-        return;  // a load of it reports what is wrong
+        return size;  // a load of it reports what is wrong
     }
     const FileIdentity& file = facts.identity;
-    if (tier_->contains(trailer.id, trailer.shard, trailer.payload_bytes, file)) return;
+    if (tier_->contains(trailer.id, trailer.shard, trailer.payload_bytes, file)) return size;
     uint8_t* data = direct_staging(size);
-    if (data == nullptr) return;
-    if (transfer_all(fd.fd, {{data, size}}, 0, false) != static_cast<ssize_t>(size)) return;
-    if (Checksum::of(data, trailer.payload_bytes) != trailer.checksum) return;
+    if (data == nullptr) return size;
+    if (transfer_all(fd.fd, {{data, size}}, 0, false) != static_cast<ssize_t>(size)) return size;
+    if (Checksum::of(data, trailer.payload_bytes) != trailer.checksum) return size;
     tier_->write(trailer.id, trailer.shard, {{data, trailer.payload_bytes}}, trailer.checksum, file);
+    return size;
 }
 
 void PosixStore::queue_fill(const std::string& path) {

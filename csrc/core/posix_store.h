@@ -102,10 +102,12 @@ private:
     void for_each_file(
         const std::function<void(const std::string&, const std::string&, const struct stat&)>& visit) const;
     void prewarm_loop(uint64_t budget_bytes, int shard);
+    static bool touched_recently(int64_t mtime_s);
     static void touch(int fd);
     void touch_path(const std::string& path, int64_t mtime_s) const;
-    // Copies a verified shard file into the shared tier (prewarm, and files loaded on a tier miss).
-    void fill_tier(const std::string& path);
+    // Copies a verified shard file into the shared tier (after a dump, a load that missed the tier,
+    // prewarm); returns the file's size (0: it is gone).
+    uint64_t fill_tier(const std::string& path);
     void queue_fill(const std::string& path);
     void fill_loop();
     static bool is_damage(const std::string& error);

@@ -51,7 +51,7 @@ class PosixStore(NativeStore):
         root = os.path.abspath(os.fspath(self.config["root"]))
         self.config["root"] = root
         _prepare_root(root)
-        shm_dir = os.fspath(self.config["shared_memory_dir"] or os.environ.get(SHARED_MEMORY_DIR_ENV) or "/dev/shm")
+        shm_dir = shared_memory_dir(self.config["shared_memory_dir"])
         self.config["shared_memory_dir"] = shm_dir
         if self.config["shared_memory_bytes"] and not os.path.isdir(shm_dir):
             raise ValueError(
@@ -115,6 +115,12 @@ class PosixStore(NativeStore):
         return self._native.evict_now()
 
 
+def shared_memory_dir(configured: str | os.PathLike | None = None) -> str:
+    """Where a store keeps its shared tier's arena files: ``configured`` (a store's
+    ``shared_memory_dir``), else ``$UCM_SHARED_MEMORY_DIR``, else ``/dev/shm``."""
+    return os.fspath(configured or os.environ.get(SHARED_MEMORY_DIR_ENV) or "/dev/shm")
+
+
 def shared_memory_name(root: str | os.PathLike) -> str:
     """The prefix of the shared tier's arena files of a store root (one tier per root and host)."""
     digest = hashlib.blake2b(os.fsencode(os.path.realpath(root)), digest_size=8).hexdigest()
@@ -124,7 +130,7 @@ def shared_memory_name(root: str | os.PathLike) -> str:
 def shared_memory_files(root: str | os.PathLike, directory: str | os.PathLike | None = None) -> list[str]:
     """The arena files of a store root's shared tier, in ``directory`` (default: where stores put
     them); removing them frees their memory (processes that map one keep it until they exit)."""
-    directory = os.fspath(directory or os.environ.get(SHARED_MEMORY_DIR_ENV) or "/dev/shm")
+    directory = shared_memory_dir(directory)
     prefix = shared_memory_name(root) + "-"
     try:
         names = os.listdir(directory)

@@ -682,11 +682,10 @@ def _available_memory_bytes() -> int:
 def _default_shared_memory_bytes(store_config: dict[str, Any]) -> int:
     """The shared tier's default size: at most DEFAULT_SHARED_MEMORY_CAP, a quarter of the memory
     available, and half the free space of its memory filesystem (other programs use it too)."""
-    from ucm.store.posix import SHARED_MEMORY_DIR_ENV
+    from ucm.store.posix import shared_memory_dir
 
-    directory = store_config.get("shared_memory_dir") or os.environ.get(SHARED_MEMORY_DIR_ENV) or "/dev/shm"
     try:
-        fs = os.statvfs(directory)
+        fs = os.statvfs(shared_memory_dir(store_config.get("shared_memory_dir")))
     except OSError:
         return 0  # no memory filesystem there: no tier
     return min(DEFAULT_SHARED_MEMORY_CAP, _available_memory_bytes() // 4, fs.f_bavail * fs.f_frsize // 2)
