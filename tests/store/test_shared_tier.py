@@ -319,3 +319,12 @@ def test_a_writer_killed_while_filling_the_tier_leaves_only_whole_copies(tier):
         assert (failed, wrong) == ([], [])
         stats = store.shared_memory_stats()
         assert stats["hits"] + stats["misses"] == len(present) and stats["hits"] > 0
+
+
+def test_a_shared_memory_dir_that_is_not_a_directory_is_named(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(ValueError, match="shared_memory_dir .*no-such-dir.* is not a directory"):
+        open_store(
+            "posix",
+            {"root": str(tmp_path / "root"), "shared_memory_bytes": 1 << 20, "shared_memory_dir": str(missing)},
+        )
