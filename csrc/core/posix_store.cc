@@ -850,6 +850,24 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
 
 // ---- shared tier ---------------------------------------------------------------------------
 
+static bool find_trailer(int fd, size_t size, Trailer* trailer) {
+    // The trailer ends the file, or (files written with O_DIRECT) is followed by fewer than
+    // kDirectAlign zero bytes. Read the tail once and try each end the zero padding allows, from
+    // the file's end back to the first nonzero byte.
+    size_t tail = std::min(size, kDirectAlign + kTrailerBytes - 1);
+    if (tail < kTrailerBytes) return false;
+    std::vector<uint8_t> raw(tail);
+    if (::pread(fd, raw.data(), tail, static_cast<off_t>(size - tail)) != static_cast<ssize_t>(tail)) return false;
+    for (size_t end = tail; end >= kTrailerBytes; --end) {
+        if (decode_trailer(raw.data() + end - kTrailerBytes, trailer).empty() &&
+            trailer->payload_bytes == size - tail + end - kTrailerBytes) {
+            return true;
+        }
+        if (raw[end - 1] != 0) return false;  // padding is zeros: no trailer ends before this byte
+    }
+    return false;
+}
+
 uint64_t PosixStore::fill_tier(const std::string& path) {
     // Read the whole file, verify its trailer and checksum, and copy it into the tier unless the
     // tier holds this very file already. Runs on background threads only.
@@ -857,13 +875,8 @@ uint64_t PosixStore::fill_tier(const std::string& path) {
     FileFacts facts;
     if (fd.fd < 0 || !file_facts(fd.fd, "", AT_EMPTY_PATH, &facts)) return 0;
     size_t size = static_cast<size_t>(facts.size);
-    if (size <= kTrailerBytes) return size;
-    uint8_t raw[kTrailerBytes];
     Trailer trailer;
-    if (::pread(fd.fd, raw, kTrailerBytes, static_cast<off_t>(size - kTrailerBytes)) !=
-            static_cast<ssize_t>(kTrailerBytes) ||
-        !decode_trailer(raw, &trailer).empty() || trailer.payload_bytes != size - kTrailerBytes ||
-        trailer.num_shards != config_.num_shards) {
+    if (!find_trailer(fd.fd, size, &trailer) || trailer.num_shards != config_.num_shards) {
         return size;  // a load of it reports what is wrong
     }
     const FileIdentity& file = facts.identity;

@@ -26,6 +26,7 @@ from storetest import (
     payload,
     run_child,
     start_child,
+    supports_o_direct,
 )
 
 from ucm.store import StoreError, open_store
@@ -125,6 +126,19 @@ def test_a_fresh_process_loads_what_another_saved_from_shared_memory(tier):
     got = json.loads(run_child(LOADER, config, "fresh", 40, 100_000))
     assert (got["failed"], got["wrong"]) == (0, 0)
     assert got["hits"] == 40 and got["misses"] == 0 and got["filled"] == 40
+
+
+@pytest.mark.parametrize("size", [100_001, 2 * 4096 - 128], ids=["padded", "aligned"])
+def test_blocks_saved_with_direct_io_are_shared_too(tier, tmp_path, size):
+    # O_DIRECT files are zero padded after their trailer to a multiple of 4096 bytes (or not at
+    # all when the payload and trailer fill whole pages); the tier must find the trailer in both.
+    if not supports_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+    config = tier(direct_io=True)
+    assert run_child(DUMPER, config, "direct", 12, size).strip() == "12"
+    got = json.loads(run_child(LOADER, config, "direct", 12, size))
+    assert (got["failed"], got["wrong"]) == (0, 0)
+    assert got["hits"] == 12 and got["misses"] == 0
 
 
 def test_without_the_tier_nothing_is_kept_in_shared_memory(tier):
