@@ -26,6 +26,7 @@ import torch
 
 from ucm.connector.vllm import keys as chunk_keys
 from ucm.connector.vllm.config import ConnectorConfig
+from ucm.connector.vllm.host_memory import available_memory_bytes
 from ucm.connector.vllm.metrics import UcmConnectorStats, UcmPromMetrics
 from ucm.connector.vllm.paged import LayerwiseCopyIn, PagedKV, StagingPool, cpu_page_packing
 from ucm.store import StoreError, open_store
@@ -408,7 +409,7 @@ class UcmConnector(KVConnectorBase_V1):
         limit = self.config.save_backlog_bytes
         if limit is None:
             # Each tensor-parallel rank holds its own backlog: together they take at most the quarter.
-            share = _available_memory_bytes() // (4 * max(1, self.tp_size))
+            share = available_memory_bytes() // (4 * max(1, self.tp_size))
             limit = min(share, DEFAULT_SAVE_BACKLOG_CAP) or DEFAULT_SAVE_BACKLOG_CAP
         self._save_backlog_limit = limit
         self._start_prewarm(kv_caches)
@@ -420,7 +421,7 @@ class UcmConnector(KVConnectorBase_V1):
             return
         budget = self.config.prewarm_bytes
         if budget is None:
-            budget = min(_kv_cache_bytes(kv_caches), _available_memory_bytes() // 4, DEFAULT_PREWARM_CAP)
+            budget = min(_kv_cache_bytes(kv_caches), available_memory_bytes() // 4, DEFAULT_PREWARM_CAP)
         if budget > 0:
             self.store.prewarm(budget, self._shard if self.tp_size > 1 else None)
             self._prewarm_reported = False
@@ -649,36 +650,6 @@ def _kv_cache_bytes(kv_caches: dict[str, Any]) -> int:
     return sum(seen.values())
 
 
-def _available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo, or less where the process's cgroup (v2) allows less (its
-    limit less what it uses, counting inactive file pages as free); 0 where it cannot be read (no
-    prewarm and no shared tier by default)."""
-    available = 0
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        return 0
-    try:
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
-            current = int(f.read().strip())
-        with open("/sys/fs/cgroup/memory.stat", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("inactive_file "):
-                    current -= int(line.split()[1])
-                    break
-        if limit != "max":
-            available = min(available, max(0, int(limit) - current))
-    except (OSError, ValueError):
-        pass
-    return available
-
-
 def _default_shared_memory_bytes(store_config: dict[str, Any]) -> int:
     """The shared tier's default size: at most DEFAULT_SHARED_MEMORY_CAP, a quarter of the memory
     available, and half the free space of its memory filesystem (other programs use it too)."""
@@ -688,4 +659,4 @@ def _default_shared_memory_bytes(store_config: dict[str, Any]) -> int:
         fs = os.statvfs(shared_memory_dir(store_config.get("shared_memory_dir")))
     except OSError:
         return 0  # no memory filesystem there: no tier
-    return min(DEFAULT_SHARED_MEMORY_CAP, _available_memory_bytes() // 4, fs.f_bavail * fs.f_frsize // 2)
+    return min(DEFAULT_SHARED_MEMORY_CAP, available_memory_bytes() // 4, fs.f_bavail * fs.f_frsize // 2)
