@@ -507,6 +507,10 @@ class EngineSpec:
     log: str
     ucm_config: dict = field(default_factory=dict)
 
+    def ucm_extra_config(self) -> dict:
+        """UcmConnector's settings: --ucm-config's, its store settings beside the bench's root, not in its place."""
+        return {**self.ucm_config, "store_config": {"root": self.store, **self.ucm_config.get("store_config", {})}}
+
 
 def _engine_process(conn: Any, log_path: str) -> None:
     """Child process: imports vLLM at once, then runs one engine for the parent (vLLM's output goes to a log)."""
@@ -601,11 +605,7 @@ class _Engine:
                 kv_connector="UcmConnector",
                 kv_role="kv_both",
                 kv_load_failure_policy="recompute",
-                kv_connector_extra_config={
-                    **spec.ucm_config,
-                    # --ucm-config's store settings go beside the bench's root, not in its place.
-                    "store_config": {"root": spec.store, **spec.ucm_config.get("store_config", {})},
-                },
+                kv_connector_extra_config=spec.ucm_extra_config(),
             )
         elif spec.connector == "example":
             transfer = KVTransferConfig(

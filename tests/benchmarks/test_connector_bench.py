@@ -173,3 +173,27 @@ def test_the_throughput_check_runs_in_pairs_of_engines_and_they_are_planned():
     assert bench.engines_planned(default) - bench.engines_planned(one) == 2 * (bench.THROUGHPUT_PAIRS - 1)
     no_check = bench.parse_args(["--cold-docs", "0"])
     assert bench.engines_planned(default) - bench.engines_planned(no_check) == 2
+
+
+def test_ucm_config_store_settings_go_beside_the_bench_root():
+    settings = bench.parse_args(["--ucm-config", '{"chunk_tokens": 16, "store_config": {"shared_memory_bytes": 0}}'])
+    spec = bench.EngineSpec(
+        label="ucm",
+        model="m",
+        connector="ucm",
+        store="/bench/ucm-store",
+        kv_cache_bytes=1 << 30,
+        max_model_len=4096,
+        max_num_batched_tokens=4096,
+        dtype="bfloat16",
+        block_size=32,
+        log="/bench/ucm.log",
+        ucm_config=settings.ucm_config,
+    )
+    assert spec.ucm_extra_config() == {
+        "chunk_tokens": 16,
+        "store_config": {"root": "/bench/ucm-store", "shared_memory_bytes": 0},
+    }
+    # Without store settings the connector gets the bench's root alone.
+    spec.ucm_config = {}
+    assert spec.ucm_extra_config() == {"store_config": {"root": "/bench/ucm-store"}}
