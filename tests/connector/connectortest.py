@@ -27,6 +27,7 @@ CHILD_TIMEOUT = 900
 HITS = "vllm:external_prefix_cache_hits"
 LOADED = "vllm:ucm_loaded_chunks"
 LOAD_FAILURES = "vllm:ucm_load_failures"
+SHARED_MEMORY_HITS = "vllm:ucm_shared_memory_hits"
 SAVED = "vllm:ucm_saved_chunks"
 SAVE_SKIPPED = "vllm:ucm_save_skipped"
 LOOKUP_HITS = "vllm:ucm_hit_chunks"

@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 
 import pytest
-from connectortest import HITS, SINGLE, EngineResult, assert_same_outputs, block_files, loadable
+from connectortest import (
+    HITS,
+    LOADED,
+    SHARED_MEMORY_HITS,
+    SINGLE,
+    EngineResult,
+    assert_same_outputs,
+    block_files,
+    loadable,
+)
 
 from ucm.connector.vllm.config import ConnectorConfig
 
@@ -81,10 +90,11 @@ def test_a_fresh_engine_prewarms_its_store_and_says_so(first_run, second_run):
     assert prewarm_lines(second_run, "warm128") == []  # prewarm_bytes 0
 
 
-def test_a_posix_store_shares_its_chunks_through_host_memory_by_default(first_run, stores):
+def test_a_posix_store_shares_its_chunks_through_host_memory_by_default(first_run, second_run, stores):
     """With the posix store, the connector turns on the store's shared host-memory tier: every chunk
-    the cold engine saved has a copy there (in the session's ``UCM_SHARED_MEMORY_DIR``), for the next
-    engine process of this host to load from memory; ``shared_memory_bytes`` 0 turns it off."""
+    the cold engine saved has a copy there (in the session's ``UCM_SHARED_MEMORY_DIR``), and the next
+    engine process of this host loads from memory, as ``vllm:ucm_shared_memory_hits`` says;
+    ``shared_memory_bytes`` 0 turns it off."""
     from ucm.store import open_store
     from ucm.store.posix import shared_memory_files
 
@@ -93,3 +103,5 @@ def test_a_posix_store_shares_its_chunks_through_host_memory_by_default(first_ru
     assert len(shared_memory_files(root)) == 1
     with open_store("posix", {"root": str(root), "shared_memory_bytes": 1 << 20}) as store:
         assert store.shared_memory_stats()["filled"] == len(block_files(root))
+    warm = EngineResult(second_run["warm32"])
+    assert warm.metric("doc", SHARED_MEMORY_HITS) == warm.metric("doc", LOADED) > 0

@@ -143,6 +143,8 @@ class UcmConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER and self._loads_enabled:
             self._warn_if_load_failures_fail(transfer.kv_load_failure_policy)
         self._stats = UcmConnectorStats()
+        # The shared tier's hits so far, for vllm:ucm_shared_memory_hits (None: no tier).
+        self._tier_hits = 0 if store_config.get("shared_memory_bytes") and self.config.store == "posix" else None
         # Sparse attention: the scheduler side keeps its own instance; the worker side shares the
         # one its attention layers use (ucm.connector.vllm.sparse).
         self._sparse = None
@@ -239,6 +241,10 @@ class UcmConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> UcmConnectorStats | None:
         if self._stats.is_empty():
             return None
+        if self._tier_hits is not None and "loaded_chunks" in self._stats.data:
+            hits = self.store.shared_memory_stats()["hits"]
+            self._stats.add(shared_memory_hits=hits - self._tier_hits)
+            self._tier_hits = hits
         stats, self._stats = self._stats, UcmConnectorStats()
         return stats
 

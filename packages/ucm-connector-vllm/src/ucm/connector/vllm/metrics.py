@@ -21,6 +21,10 @@ COUNTERS = {
     "loaded_chunks": ("vllm:ucm_loaded_chunks", "Chunks loaded from the UCM store"),
     "loaded_bytes": ("vllm:ucm_loaded_bytes", "Bytes loaded from the UCM store"),
     "load_seconds": ("vllm:ucm_load_seconds", "Seconds spent loading from the UCM store (submit to ready)"),
+    "shared_memory_hits": (
+        "vllm:ucm_shared_memory_hits",
+        "Chunks loaded from the posix store's shared host-memory tier rather than its files",
+    ),
     "load_failures": ("vllm:ucm_load_failures", "Chunks whose load failed and were recomputed"),
     "saved_chunks": ("vllm:ucm_saved_chunks", "Chunks saved to the UCM store"),
     "saved_bytes": ("vllm:ucm_saved_bytes", "Bytes saved to the UCM store"),
