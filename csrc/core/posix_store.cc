@@ -926,4 +926,6 @@ SharedTierStats PosixStore::shared_memory_stats() {
     return tier_ ? tier_->stats() : SharedTierStats{};
 }
 
+uint64_t PosixStore::shared_memory_hits() const { return tier_ ? tier_->hits() : 0; }
+
 }  // namespace ucm

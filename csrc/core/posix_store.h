@@ -67,6 +67,8 @@ public:
     PrewarmStats prewarm_stats() const;
     // The shared host-memory tier's counters (all zero when it is off).
     SharedTierStats shared_memory_stats();
+    // Just the loads the shared tier served, cheaply (0 when it is off).
+    uint64_t shared_memory_hits() const;
     // Blocks until the copies queued for the shared tier (files just written or loaded) are made.
     void wait_fills();
     void close();

@@ -96,7 +96,10 @@ class SharedTier {
     // Forgets every copy of the blocks' shards.
     void invalidate(const std::string& id, uint32_t num_shards);
 
+    // Counters and a scan of every slot header (a few milliseconds for a full tier).
     SharedTierStats stats();
+    // Loads served so far: one atomic read, for a caller that asks every step.
+    uint64_t hits() const { return hits_.load(std::memory_order_relaxed); }
     void close();
 
    private:

@@ -564,6 +564,7 @@ PYBIND11_MODULE(_native, m) {
                  out["error"] = stats.error;
                  return out;
              })
+        .def("shared_memory_hits", [](PyPosixStore& s) { return s.store().shared_memory_hits(); })
         .def("close", [](PyPosixStore& s) {
             py::gil_scoped_release release;
             s.store().close();

@@ -116,7 +116,8 @@ config, tag, count, size = storetest.child_args()
 with open_store("posix", config) as store:
     entries = [(i, 0, storetest.payload(i, 0, size)) for i in storetest.block_ids(count, tag)]
     failed, wrong = storetest.load_entries(store, entries)
-    print(json.dumps({"failed": len(failed), "wrong": len(wrong), **store.shared_memory_stats()}))
+    stats = store.shared_memory_stats()
+    print(json.dumps({"failed": len(failed), "wrong": len(wrong), "quick_hits": store.shared_memory_hits(), **stats}))
 """
 
 
@@ -126,6 +127,7 @@ def test_a_fresh_process_loads_what_another_saved_from_shared_memory(tier):
     got = json.loads(run_child(LOADER, config, "fresh", 40, 100_000))
     assert (got["failed"], got["wrong"]) == (0, 0)
     assert got["hits"] == 40 and got["misses"] == 0 and got["filled"] == 40
+    assert got["quick_hits"] == 40
 
 
 @pytest.mark.parametrize("size", [100_001, 2 * 4096 - 128], ids=["padded", "aligned"])

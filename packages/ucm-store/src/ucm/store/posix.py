@@ -107,6 +107,11 @@ class PosixStore(NativeStore):
         ``slots``, ``filled`` slots, slots a writer holds (``writing``), and any ``error`` opening it."""
         return self._native.shared_memory_stats()
 
+    def shared_memory_hits(self) -> int:
+        """``shared_memory_stats()["hits"]`` without the rest, which scans the tier's slot headers:
+        cheap enough to ask on every engine step."""
+        return self._native.shared_memory_hits()
+
     def remove(self, ids: Sequence[bytes]) -> None:
         self._native.remove(ids)
 

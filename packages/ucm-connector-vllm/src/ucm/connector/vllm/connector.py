@@ -242,7 +242,7 @@ class UcmConnector(KVConnectorBase_V1):
         if self._stats.is_empty():
             return None
         if self._tier_hits is not None and "loaded_chunks" in self._stats.data:
-            hits = self.store.shared_memory_stats()["hits"]
+            hits = self.store.shared_memory_hits()
             self._stats.add(shared_memory_hits=hits - self._tier_hits)
             self._tier_hits = hits
         stats, self._stats = self._stats, UcmConnectorStats()
