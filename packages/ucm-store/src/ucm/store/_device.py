@@ -97,6 +97,9 @@ def stage(buffers: Sequence[Any], load: bool) -> tuple[list[Any], Callable[[], N
 
     out: list[Any] = []
     for index, entry in enumerate(buffers):
+        if type(entry) is list and all(type(part) is tuple for part in entry):
+            out.append(entry)  # (address, nbytes) pieces of host memory, as the connector saves: nothing to stage
+            continue
         is_pair = isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], int)
         if isinstance(entry, (list, tuple)) and not is_pair:
             out.append([swap(part, f"buffers[{index}][{p}]") for p, part in enumerate(entry)])
