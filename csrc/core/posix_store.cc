@@ -505,16 +505,40 @@ void PosixStore::discard_damaged(int fd, const std::string& path, const std::str
     ::unlinkat(blocks_fd_, path.c_str(), 0);
 }
 
+static bool find_trailer(int fd, size_t size, Trailer* trailer) {
+    // The trailer ends the file, or (files written with O_DIRECT) is followed by fewer than
+    // kDirectAlign zero bytes. Read the tail once and try each end the zero padding allows, from
+    // the file's end back to the first nonzero byte. The read is page aligned, so it also works
+    // on a descriptor opened with O_DIRECT.
+    size_t tail = std::min(size, kDirectAlign + kTrailerBytes - 1);
+    if (tail < kTrailerBytes) return false;
+    size_t first = (size - tail) / kDirectAlign * kDirectAlign;
+    size_t span = align_up(size, kDirectAlign) - first;
+    std::unique_ptr<uint8_t, decltype(&std::free)> window(static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, span)),
+                                                          &std::free);
+    if (!window) return false;
+    ssize_t n = ::pread(fd, window.get(), span, static_cast<off_t>(first));
+    if (n < 0 || static_cast<size_t>(n) < size - first) return false;
+    const uint8_t* raw = window.get() + (size - tail - first);
+    for (size_t end = tail; end >= kTrailerBytes; --end) {
+        if (decode_trailer(raw + end - kTrailerBytes, trailer).empty() &&
+            trailer->payload_bytes == size - tail + end - kTrailerBytes) {
+            return true;
+        }
+        if (raw[end - 1] != 0) return false;  // padding is zeros: no trailer ends before this byte
+    }
+    return false;
+}
+
 std::string PosixStore::explain_size_mismatch(int fd, size_t expected) const {
+    // A whole file whose trailer records another payload size is the caller's size mismatch, not
+    // damage: the file stays. The trailer may be followed by O_DIRECT's zero padding.
     struct stat st;
     if (::fstat(fd, &st) != 0) return "cannot stat the stored shard: " + errno_text(errno);
     size_t size = static_cast<size_t>(st.st_size);
     if (size < kTrailerBytes) return "stored shard is truncated (" + std::to_string(size) + " bytes)";
-    uint8_t raw[kTrailerBytes];
     Trailer stored;
-    ssize_t n = ::pread(fd, raw, kTrailerBytes, static_cast<off_t>(size - kTrailerBytes));
-    if (n == static_cast<ssize_t>(kTrailerBytes) && decode_trailer(raw, &stored).empty() &&
-        stored.payload_bytes == size - kTrailerBytes && stored.payload_bytes != expected) {
+    if (find_trailer(fd, size, &stored) && stored.payload_bytes != expected) {
         return size_mismatch(stored.payload_bytes, expected);
     }
     return "stored shard is truncated or corrupt (" + std::to_string(size) + " bytes on disk, expected " +
@@ -591,10 +615,7 @@ std::string PosixStore::read_shard_direct(int fd, const ShardIO& item) {
     ssize_t n = transfer_all(fd, {{staging, file_bytes}}, 0, false);
     if (n < 0) return "read failed: " + errno_text(static_cast<int>(-n));
     if (static_cast<size_t>(n) < total + kTrailerBytes) return explain_size_mismatch(fd, total);
-    Trailer trailer;
-    std::string error = decode_trailer(staging + total, &trailer);
-    if (!error.empty()) return error;
-    error = verify_trailer(trailer, item.id, item.shard, config_.num_shards, total, Checksum::of(staging, total));
+    std::string error = check_trailer(fd, staging + total, item, total, Checksum::of(staging, total));
     if (!error.empty()) return error;
     if (item.sink != nullptr) {
         item.sink->consume(item.sink_item, 0, staging, total);
@@ -849,24 +870,6 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
 }
 
 // ---- shared tier ---------------------------------------------------------------------------
-
-static bool find_trailer(int fd, size_t size, Trailer* trailer) {
-    // The trailer ends the file, or (files written with O_DIRECT) is followed by fewer than
-    // kDirectAlign zero bytes. Read the tail once and try each end the zero padding allows, from
-    // the file's end back to the first nonzero byte.
-    size_t tail = std::min(size, kDirectAlign + kTrailerBytes - 1);
-    if (tail < kTrailerBytes) return false;
-    std::vector<uint8_t> raw(tail);
-    if (::pread(fd, raw.data(), tail, static_cast<off_t>(size - tail)) != static_cast<ssize_t>(tail)) return false;
-    for (size_t end = tail; end >= kTrailerBytes; --end) {
-        if (decode_trailer(raw.data() + end - kTrailerBytes, trailer).empty() &&
-            trailer->payload_bytes == size - tail + end - kTrailerBytes) {
-            return true;
-        }
-        if (raw[end - 1] != 0) return false;  // padding is zeros: no trailer ends before this byte
-    }
-    return false;
-}
 
 uint64_t PosixStore::fill_tier(const std::string& path) {
     // Read the whole file, verify its trailer and checksum, and copy it into the tier unless the

@@ -166,6 +166,36 @@ def test_direct_io_round_trips_any_size(open_test_store, root, tmp_path):
     assert load_entries(store, others) == ([], [])
 
 
+@pytest.mark.parametrize("reader_direct", [False, True], ids=["read buffered", "read O_DIRECT"])
+@pytest.mark.parametrize("writer_direct", [False, True], ids=["written buffered", "written O_DIRECT"])
+def test_a_load_of_another_size_names_both_sizes_and_keeps_the_file(
+    open_test_store, root, tmp_path, writer_direct, reader_direct
+):
+    # A caller asking for the wrong size is not damage: the error says so and the file stays,
+    # also when O_DIRECT padded the file after its trailer. 5000 and 12000 bytes leave padding;
+    # 8064 bytes plus the trailer fill two pages exactly.
+    if (writer_direct or reader_direct) and not supports_o_direct(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    from ucm.store import StoreError
+
+    writer = open_test_store("posix", direct_io=writer_direct)
+    reader = open_test_store("posix", direct_io=reader_direct)
+    entries = [make_entries(block_ids(1, f"other-size-{size}"), low=size, high=size)[0] for size in (5000, 8064, 12000)]
+    dump_entries(writer, entries)
+    files = {block_id: block_files(root, block_id) for block_id, _, _ in entries}
+
+    for block_id, _, data in entries:
+        for asked in (len(data) - 1000, len(data) + 1000, len(data) + 4096):
+            task = reader.load([block_id], [bytearray(asked)])
+            with pytest.raises(StoreError) as excinfo:
+                reader.wait(task)
+            reason = excinfo.value.reasons[block_id]
+            assert f"stored shard holds {len(data)} bytes but the buffers hold {asked}" in reason, reason
+            assert block_files(root, block_id) == files[block_id], "a size mismatch removed the file"
+
+    assert load_entries(reader, entries) == ([], [])
+
+
 def test_direct_io_on_dev_shm_round_trips_or_raises_value_error_naming_o_direct():
     shm = Path("/dev/shm")
     if not shm.is_dir():
