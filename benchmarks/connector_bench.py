@@ -20,15 +20,15 @@ together, they run one after another).
 
 Then a throughput check without reuse (distinct prompts in one ``generate`` call, eight repeats
 interleaved: no connector, UCM, UCM, no connector, ...; two pairs of engine processes take four
-repeats each), a cold check (six more documents prefilled cold by a second pair of engines,
+repeats each), a cold check (twelve more documents prefilled cold by a second pair of engines,
 without and with UCM, taking turns where they fit in memory together: the cost of saving rests on
-nine prefills per way rather than the cold pass's three) and a chunked-prefill run (one long
+fifteen prefills per way rather than the cold pass's three) and a chunked-prefill run (one long
 prompt, a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm
 outputs must equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
 (random weights, ~100M parameters, built offline) a run takes about 43 minutes in float32 on an
-AVX2-only CPU with 2 idle cores, or 18-20 minutes in bfloat16 on a CPU with AVX-512 and AMX;
+AVX2-only CPU with 2 idle cores, or about 20 minutes in bfloat16 on a CPU with AVX-512 and AMX;
 ``--quick`` (tiny model, short documents) is a smoke test of about 8 minutes.
 
 Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
@@ -88,11 +88,14 @@ ENGINE_OVERHEAD_BYTES = 2 * GIB  # an engine process's memory besides weights an
 IDLE_BEFORE_REQUEST_S = 0.5  # pause before every timed request (see _Engine._timed)
 SETTLE_S = 1.0  # pause between two ways' turns, so one's background writes do not slow the other
 COMMAND_TIMEOUT_S = 3600.0
+#: Seconds the engine's steps spent in UCM's hooks, scheduler's and worker's (read unrounded: see Engine.counters).
+STEP_SECONDS = "vllm:ucm_step_seconds"
 #: Counters kept per measured request (the hit rate and bytes loaded of a pass are summed over requests).
 ROW_COUNTERS = (
     "vllm:external_prefix_cache_queries",
     "vllm:external_prefix_cache_hits",
     "vllm:ucm_loaded_bytes",
+    STEP_SECONDS,
     "example_bytes_read",
 )
 HITS = "vllm:external_prefix_cache_hits"
@@ -120,7 +123,7 @@ class Settings:
     block_size: int = DEFAULT_BLOCK_TOKENS
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 6  # warm passes: loads again of each document's first prompt, each paired with its repeat
-    cold_docs: int = 6  # cold check: more documents, each prefilled once with and once without UCM
+    cold_docs: int = 12  # cold check: more documents, each prefilled once with and once without UCM
     # More fresh processes per connector, each loading every document's first prompt once. The fresh-process
     # overhead ratio rests on their first sights (3 per process, plus the warm pass's 3), and single first sights
     # on the project's 2-core machines vary by tens of milliseconds. With 8 processes (27 first sights) one run's
@@ -164,7 +167,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         "--cold-docs",
         type=int,
         help="cold check: more documents, prefilled cold by a second pair of fresh engines, without and with UCM, "
-        "to measure what saving costs over more prefills than the cold pass has (default: 6; 1 with --quick)",
+        "to measure what saving costs over more prefills than the cold pass has (default: 12; 1 with --quick)",
     )
     parser.add_argument(
         "--dtype",
@@ -253,6 +256,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def seconds(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def millis(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{1000 * value:.0f}"
 
 
 def percent(value: float | None) -> str:
@@ -759,6 +766,17 @@ class _Engine:
         for metric in self.llm.get_metrics():
             if type(metric).__name__ == "Counter":
                 totals[metric.name] = totals.get(metric.name, 0) + metric.value
+        if STEP_SECONDS in totals:
+            # LLM.get_metrics() rounds counters to whole numbers; a prefill's share of this one is milliseconds.
+            from prometheus_client import REGISTRY
+
+            totals[STEP_SECONDS] = sum(
+                sample.value
+                for family in REGISTRY.collect()
+                if family.name == STEP_SECONDS
+                for sample in family.samples
+                if sample.name == STEP_SECONDS + "_total"
+            )
         return totals
 
     def shutdown(self, conn: Any) -> dict[str, float]:
@@ -1194,17 +1212,23 @@ def foreign_summary(values: Sequence[float]) -> str:
     return f"{mean(measured):.2f} / {max(measured):.2f}" if measured else "n/a"
 
 
-def cold_prefills(passes: dict[str, Pass], first_sight: Sequence[int]) -> list[tuple[str, float, float]]:
+def cold_prefills(passes: dict[str, Pass], first_sight: Sequence[int]) -> list[tuple[str, float, float, float]]:
     """Every cold prefill of a document measured both ways: ``(document, seconds without a connector, seconds
-    with UCM)``, from the cold pass (its prompts at ``first_sight``) and the cold check, where each ran."""
+    with UCM, seconds UCM's engine spent in the connector's hooks during it)``, from the cold pass (its
+    prompts at ``first_sight``) and the cold check, where each ran."""
+
+    def hooks(row: dict[str, Any]) -> float:
+        return row.get("counters", {}).get(STEP_SECONDS, math.nan)
+
     none, ucm = passes["none"], passes["ucm-cold"]
     rows = [
-        (f"cold pass, document {n + 1}", none.rows[i]["ttft"], ucm.rows[i]["ttft"]) for n, i in enumerate(first_sight)
+        (f"cold pass, document {n + 1}", none.rows[i]["ttft"], ucm.rows[i]["ttft"], hooks(ucm.rows[i]))
+        for n, i in enumerate(first_sight)
     ]
     check_none, check_ucm = passes.get("cold-check-none"), passes.get("cold-check-ucm")
     if check_none and check_ucm and not (check_none.error or check_ucm.error):
         rows += [
-            (f"cold check, document {n + 1}", a["ttft"], b["ttft"])
+            (f"cold check, document {n + 1}", a["ttft"], b["ttft"], hooks(b))
             for n, (a, b) in enumerate(zip(check_none.rows, check_ucm.rows, strict=True))
         ]
     return rows
@@ -1515,6 +1539,8 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
 
     prefills = cold_prefills(passes, first_sight if ok(ucm_cold, none) else [])
     cold_none, cold_ucm = [row[1] for row in prefills], [row[2] for row in prefills]
+    hooks_s = [row[3] for row in prefills if not math.isnan(row[3])]
+    hooks_share = ratio(mean(hooks_s), mean(cold_none)) if hooks_s else math.nan
     cost_prefills = ratio(mean(cold_ucm), mean(cold_none)) - 1
     cost_bounds = ratio_interval(cold_ucm, cold_none, paired=True)
     parts = [f"the {part}" for part in ("cold pass", "cold check") if any(row[0].startswith(part) for row in prefills)]
@@ -1523,12 +1549,24 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
         "",
         "What saving costs: each document's first prompt prefilled cold (nothing cached anywhere) by an engine without "
         "a connector and by one with UCM over an empty store, which saves it. The cold check's documents run in a "
-        "second pair of fresh engines, the two taking turns (where they fit in memory together), each first in turn.",
+        "second pair of fresh engines, the two taking turns (where they fit in memory together), each first in turn. "
+        "The last column is the time UCM's engine spent in the connector's hooks during that prefill "
+        "(`vllm:ucm_step_seconds`: looking the prompt up, copying its chunks out of the KV cache and handing them to "
+        "the store): what UCM adds on the request's path, timed inside the engine, where the host's noise between "
+        "one prefill and the next does not blur it.",
         "",
         table(
-            ["document", "no connector (s)", "UcmConnector (s)", "UCM vs no connector"],
-            [[name, seconds(a), seconds(b), change(ratio(b, a) - 1)] for name, a, b in prefills]
-            + [["mean", seconds(mean(cold_none)), seconds(mean(cold_ucm)), change(cost_prefills)]],
+            ["document", "no connector (s)", "UcmConnector (s)", "UCM vs no connector", "UCM's hooks (ms)"],
+            [[name, seconds(a), seconds(b), change(ratio(b, a) - 1), millis(h)] for name, a, b, h in prefills]
+            + [
+                [
+                    "mean",
+                    seconds(mean(cold_none)),
+                    seconds(mean(cold_ucm)),
+                    change(cost_prefills),
+                    millis(mean(hooks_s)) if hooks_s else "n/a",
+                ]
+            ],
         ),
         "",
     ]
@@ -1567,6 +1605,13 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
             f"{change(cost_prefills)} ({change_interval(cost_bounds)})",
             f"<= +{100 * TARGET_COLD_COST:.0f}%",
             verdict(cost_prefills <= TARGET_COLD_COST, cost_prefills),
+        ],
+        [
+            f"UCM's own time in the engine's steps during a cold prefill (its hooks, `vllm:ucm_step_seconds`; "
+            f"{len(hooks_s)} prefills), mean, and its share of the no-connector prefill",
+            f"{millis(mean(hooks_s)) if hooks_s else 'n/a'} ms ({change(hooks_share)})",
+            "",
+            "",
         ],
         [
             "UCM cold TTFT vs no connector, the cold pass alone: all prompts / first prompt of each document",
@@ -1858,10 +1903,11 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
     tput = bench.throughput()
 
     if workload.cold_check:
-        # The cold pass has one 8k-token prefill per document and way, and single prefills on this
-        # kind of machine vary by several percent from one to the next (the host's load comes and
-        # goes), as much as the target on the cost of saving. A second pair of engines prefills
-        # more documents, taking turns, so the estimate rests on more prefills and two processes per way.
+        # The cold pass has one 8k-token prefill per document and way, and on a shared 2-core VM single
+        # prefills vary far more than the target on the cost of saving (the same 8k-token prefill
+        # repeated in one process took 3.5-5.8 s; a core's speed changes up to 3x from second to
+        # second, each core on its own). A second pair of engines prefills more documents, taking
+        # turns, so the estimate rests on more prefills and two processes per way.
         progress(f"cold check: {len(workload.cold_check)} more documents, without and with UCM, taking turns")
         check_store = bench.store("store-cold-check")
         firsts = [[prompt] for prompt in workload.cold_check]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import connector_bench as bench
@@ -97,7 +98,7 @@ def test_the_cold_check_prefills_documents_of_its_own(tiny_model):
 
 
 def test_cold_docs_defaults_and_bad_values():
-    assert bench.parse_args([]).cold_docs == 6
+    assert bench.parse_args([]).cold_docs == 12
     assert bench.parse_args(["--quick"]).cold_docs == 1
     assert bench.parse_args(["--cold-docs", "0"]).cold_docs == 0
 
@@ -109,19 +110,23 @@ def test_a_negative_cold_docs_is_refused_by_name(capsys):
 
 
 def test_the_cost_of_saving_pools_the_cold_pass_and_the_cold_check():
-    def rows(*seconds):
-        return [{"ttft": value} for value in seconds]
+    def rows(*seconds, hooks=()):
+        return [
+            {"ttft": value, "counters": {bench.STEP_SECONDS: hook} if hook is not None else {}}
+            for value, hook in itertools.zip_longest(seconds, hooks)
+        ]
 
-    # Two documents, two questions each: the first prompts are rows 0 and 2.
+    # Two documents, two questions each: the first prompts are rows 0 and 2. UCM's rows carry the
+    # time its engine spent in the connector's hooks.
     passes = {
         "none": bench.Pass("none", None, rows(40.0, 0.5, 44.0, 0.5)),
-        "ucm-cold": bench.Pass("ucm-cold", "ucm", rows(41.0, 0.6, 43.0, 0.6)),
+        "ucm-cold": bench.Pass("ucm-cold", "ucm", rows(41.0, 0.6, 43.0, 0.6, hooks=(0.04, 0.0, 0.05, 0.0))),
         "cold-check-none": bench.Pass("cold-check-none", None, rows(42.0)),
-        "cold-check-ucm": bench.Pass("cold-check-ucm", "ucm", rows(42.5)),
+        "cold-check-ucm": bench.Pass("cold-check-ucm", "ucm", rows(42.5, hooks=(0.045,))),
     }
     pooled = bench.cold_prefills(passes, [0, 2])
-    assert [(a, b) for _, a, b in pooled] == [(40.0, 41.0), (44.0, 43.0), (42.0, 42.5)]
-    assert [name for name, _, _ in pooled] == [
+    assert [(a, b, h) for _, a, b, h in pooled] == [(40.0, 41.0, 0.04), (44.0, 43.0, 0.05), (42.0, 42.5, 0.045)]
+    assert [name for name, *_ in pooled] == [
         "cold pass, document 1",
         "cold pass, document 2",
         "cold check, document 1",

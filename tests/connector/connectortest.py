@@ -30,6 +30,8 @@ LOAD_FAILURES = "vllm:ucm_load_failures"
 SHARED_MEMORY_HITS = "vllm:ucm_shared_memory_hits"
 SAVED = "vllm:ucm_saved_chunks"
 SAVE_SKIPPED = "vllm:ucm_save_skipped"
+SAVE_SECONDS = "vllm:ucm_save_seconds"
+STEP_SECONDS = "vllm:ucm_step_seconds"
 LOOKUP_HITS = "vllm:ucm_hit_chunks"
 
 

@@ -138,6 +138,12 @@ def counters(llm) -> dict[str, float]:
         extra = [f"{k}={v}" for k, v in sorted(metric.labels.items()) if k not in ("model_name", "engine")]
         name = metric.name + ("{" + ",".join(extra) + "}" if extra else "")
         values[name] = values.get(name, 0) + metric.value
+    # LLM.get_metrics() rounds counters to whole numbers: read UCM's seconds as /metrics shows them.
+    from prometheus_client import REGISTRY
+
+    for family in REGISTRY.collect():
+        if family.name.startswith("vllm:ucm_") and family.name.endswith("_seconds"):
+            values[family.name] = sum(s.value for s in family.samples if s.name == family.name + "_total")
     return values
 
 

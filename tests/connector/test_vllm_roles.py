@@ -6,8 +6,10 @@ from connectortest import (
     HITS,
     LOADED,
     LOOKUP_HITS,
+    SAVE_SECONDS,
     SAVED,
     SINGLE,
+    STEP_SECONDS,
     EngineResult,
     assert_loaded_every_full_chunk,
     assert_same_outputs,
@@ -28,6 +30,16 @@ def test_producer_writes_but_never_loads(first_run, second_run):
     assert again.metric("single", LOADED) == 0
     assert again.cached("single") == [0] * len(SINGLE)
     assert EngineResult(second_run["producer-again"]).files_at_exit == stored
+
+
+def test_a_producers_steps_wait_for_its_commits_and_its_metrics_say_so(first_run):
+    """A producer answers only once its chunks are committed: its steps wait for every save, so
+    ``vllm:ucm_step_seconds`` (the steps' time in the connector) holds all of
+    ``vllm:ucm_save_seconds``; a ``kv_both`` engine only copies the chunks out in its steps."""
+    producer = EngineResult(first_run["producer"])
+    assert 0 < producer.metric("single", SAVE_SECONDS) <= producer.metric("single", STEP_SECONDS)
+    both = EngineResult(first_run["cold32"])
+    assert both.metric("single", SAVED) > 0 and both.metric("single", STEP_SECONDS) > 0
 
 
 def test_consumer_on_an_empty_store_writes_nothing(first_run):

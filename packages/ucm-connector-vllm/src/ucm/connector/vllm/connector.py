@@ -14,6 +14,7 @@ and write them in the background.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -62,6 +63,21 @@ DEFAULT_SAVE_BACKLOG_CAP = 4 << 30
 DEFAULT_SHARED_MEMORY_CAP = 4 << 30
 #: Seconds between two warnings about skipped saves.
 SKIP_WARNING_INTERVAL_S = 60.0
+
+
+def _step_hook(method):
+    """Adds the hook's wall time to ``self._step_seconds``: the engine's step waits for every hook,
+    the scheduler's (lookups, plans) and the worker's (copies, hand-offs to the store)."""
+
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._step_seconds += time.perf_counter() - started
+
+    return timed
 
 
 @dataclass
@@ -143,6 +159,7 @@ class UcmConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER and self._loads_enabled:
             self._warn_if_load_failures_fail(transfer.kv_load_failure_policy)
         self._stats = UcmConnectorStats()
+        self._step_seconds = 0.0  # hooks' time not yet reported (vllm:ucm_step_seconds)
         # The shared tier's hits so far, for vllm:ucm_shared_memory_hits (None: no tier).
         self._tier_hits = 0 if store_config.get("shared_memory_bytes") and self.config.store == "posix" else None
         # Sparse attention: the scheduler side keeps its own instance; the worker side shares the
@@ -239,6 +256,9 @@ class UcmConnector(KVConnectorBase_V1):
         return False
 
     def get_kv_connector_stats(self) -> UcmConnectorStats | None:
+        if self._step_seconds:
+            self._stats.add(step_seconds=self._step_seconds)
+            self._step_seconds = 0.0
         if self._stats.is_empty():
             return None
         if self._tier_hits is not None and "loaded_chunks" in self._stats.data:
@@ -283,6 +303,7 @@ class UcmConnector(KVConnectorBase_V1):
             self._sparse.request_begin(request.request_id, len(request.prompt_token_ids))
         return state
 
+    @_step_hook
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
         if state is None or not state.keys:
@@ -302,6 +323,7 @@ class UcmConnector(KVConnectorBase_V1):
             return 0, False
         return external, self.config.load_async
 
+    @_step_hook
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
             return  # nothing to load (also the second call for an asynchronous load)
@@ -312,6 +334,7 @@ class UcmConnector(KVConnectorBase_V1):
         state.load_sent = False
         self._pending_loads.append(state.load)
 
+    @_step_hook
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         # A chunk that failed to load is recomputed by vLLM; never offer it (or what follows) again,
         # or a request whose first chunk cannot be read would be readmitted and fail forever.
@@ -340,6 +363,7 @@ class UcmConnector(KVConnectorBase_V1):
             [c % per_block for c in chunks],
         )
 
+    @_step_hook
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = UcmConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
@@ -374,6 +398,7 @@ class UcmConnector(KVConnectorBase_V1):
             state.stored_chunks = full
         return meta
 
+    @_step_hook
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves are copied out of the cache within their step, so the blocks can be freed at once.
         self._requests.pop(request.request_id, None)
@@ -432,6 +457,7 @@ class UcmConnector(KVConnectorBase_V1):
             self.store.prewarm(budget, self._shard if self.tp_size > 1 else None)
             self._prewarm_reported = False
 
+    @_step_hook
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._idle_step = forward_context is None or forward_context.attn_metadata is None
         if self._copying:
@@ -462,12 +488,16 @@ class UcmConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Host caches: synchronous loads finish in start_load_kv, asynchronous ones before their
         # request runs. CUDA caches: a synchronous load's copy into this layer must be over first.
+        # Called once per layer and step: timed only when there is something to wait for.
         if self._layerwise is not None:
+            started = time.perf_counter()
             self._layerwise.wait_layer(layer_name)
+            self._step_seconds += time.perf_counter() - started
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         pass  # chunks are copied out once per step, in wait_for_save
 
+    @_step_hook
     def wait_for_save(self) -> None:
         if self._layerwise is not None:
             self._layerwise.wait_all()  # layers the forward pass did not announce
@@ -614,6 +644,7 @@ class UcmConnector(KVConnectorBase_V1):
         copied_in.record(stream)
         return copied_in
 
+    @_step_hook
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if not self._prewarm_reported:
             self._report_prewarm()

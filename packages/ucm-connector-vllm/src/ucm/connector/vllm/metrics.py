@@ -30,6 +30,11 @@ COUNTERS = {
     "saved_bytes": ("vllm:ucm_saved_bytes", "Bytes saved to the UCM store"),
     "save_seconds": ("vllm:ucm_save_seconds", "Seconds spent saving to the UCM store (submit to committed)"),
     "save_failures": ("vllm:ucm_save_failures", "Chunks that could not be saved"),
+    "step_seconds": (
+        "vllm:ucm_step_seconds",
+        "Seconds the engine's steps spent in the connector: the scheduler's lookups and plans, the workers' "
+        "copies out of the KV cache, hand-offs to the store and synchronous loads (summed over the workers)",
+    ),
     "save_skipped": (
         "vllm:ucm_save_skipped",
         "Chunks not saved because the store was behind by save_backlog_bytes",
