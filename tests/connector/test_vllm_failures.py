@@ -127,6 +127,7 @@ def _save_admission_worker(backlog: int, limit: int):
     worker._save_gaps, worker._stats = {}, UcmConnectorStats()
     worker._skipped_since_warning, worker._last_skip_warning = 0, 0.0
     worker._save_backlog, worker._save_backlog_limit = backlog, limit
+    worker._step_seconds = 0.0
     return worker
 
 
