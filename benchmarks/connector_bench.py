@@ -27,8 +27,8 @@ prompt, a small ``max_num_batched_tokens``) through both connectors, cold and wa
 outputs must equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) a run takes about 43 minutes in float32 on an
-AVX2-only CPU with 2 idle cores, or about 20 minutes in bfloat16 on a CPU with AVX-512 and AMX;
+(random weights, ~100M parameters, built offline) a run takes about 50 minutes in float32 on an
+AVX2-only CPU with 2 idle cores, or about 25 minutes in bfloat16 on a CPU with AVX-512 and AMX;
 ``--quick`` (tiny model, short documents) is a smoke test of about 8 minutes.
 
 Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
@@ -126,10 +126,11 @@ class Settings:
     cold_docs: int = 12  # cold check: more documents, each prefilled once with and once without UCM
     # More fresh processes per connector, each loading every document's first prompt once. The fresh-process
     # overhead ratio rests on their first sights (3 per process, plus the warm pass's 3), and single first sights
-    # on the project's 2-core machines vary by tens of milliseconds. With 8 processes (27 first sights) one run's
-    # 90% interval spanned about +-0.13 around its ratio, and four runs of the same code on one machine measured
-    # 0.35x-0.51x against 0.43x pooled; 12 (39 first sights) narrow it by about a sixth, for about 3 more minutes.
-    fresh: int = 12
+    # on the project's 2-core machines vary by tens of milliseconds: the forward step after a load moves by -20
+    # to +60 ms from one request to the next, while UCM's load step itself holds at 14-19 ms. With 12 processes
+    # (39 first sights) fourteen runs of the same connector on one machine measured 0.34x-0.55x, a 90% interval
+    # of about +-0.1 around each; 20 (63 first sights) narrow it by a fifth, for about 5 more minutes.
+    fresh: int = 20
     dtype: str = "auto"
     markdown: str | None = None
     workdir: str | None = None
@@ -155,19 +156,20 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         "--reloads",
         type=int,
         help="warm passes: more loads of each document's first prompt, after emptying the prefix cache "
-        "(default: 6; 2 with --quick)",
+        f"(default: {Settings.reloads}; 2 with --quick)",
     )
     parser.add_argument(
         "--fresh",
         type=int,
         help="more fresh warm processes per connector, each loading every document's first prompt once "
-        "(default: 8; 2 with --quick)",
+        f"(default: {Settings.fresh}; 2 with --quick)",
     )
     parser.add_argument(
         "--cold-docs",
         type=int,
         help="cold check: more documents, prefilled cold by a second pair of fresh engines, without and with UCM, "
-        "to measure what saving costs over more prefills than the cold pass has (default: 12; 1 with --quick)",
+        "to measure what saving costs over more prefills than the cold pass has "
+        f"(default: {Settings.cold_docs}; 1 with --quick)",
     )
     parser.add_argument(
         "--dtype",

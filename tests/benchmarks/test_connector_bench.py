@@ -103,6 +103,20 @@ def test_cold_docs_defaults_and_bad_values():
     assert bench.parse_args(["--cold-docs", "0"]).cold_docs == 0
 
 
+def test_the_help_names_the_defaults_a_run_uses(capsys):
+    # The help once said 8 fresh processes while a run started 12.
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = bench.parse_args([])
+    options = {"--fresh": defaults.fresh, "--reloads": defaults.reloads, "--cold-docs": defaults.cold_docs}
+    for option, value in options.items():
+        described = text.split(f"{option} {option.lstrip('-').upper().replace('-', '_')} ", 1)[1]  # not the usage
+        assert described.split("(default: ", 1)[1].startswith(f"{value};"), option
+    quick = bench.parse_args(["--quick"])
+    assert (quick.fresh, quick.reloads, quick.cold_docs) == (2, 2, 1)  # what the help gives for --quick
+
+
 def test_a_negative_cold_docs_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--cold-docs", "-1"])
