@@ -109,12 +109,22 @@ def test_the_help_names_the_defaults_a_run_uses(capsys):
         bench.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     defaults = bench.parse_args([])
-    options = {"--fresh": defaults.fresh, "--reloads": defaults.reloads, "--cold-docs": defaults.cold_docs}
+    options = {
+        "--fresh": defaults.fresh,
+        "--reloads": defaults.reloads,
+        "--cold-docs": defaults.cold_docs,
+        "--repeats": defaults.repeats,
+    }
     for option, value in options.items():
         described = text.split(f"{option} {option.lstrip('-').upper().replace('-', '_')} ", 1)[1]  # not the usage
         assert described.split("(default: ", 1)[1].startswith(f"{value};"), option
     quick = bench.parse_args(["--quick"])
-    assert (quick.fresh, quick.reloads, quick.cold_docs) == (2, 2, 1)  # what the help gives for --quick
+    assert (quick.fresh, quick.reloads, quick.cold_docs, quick.repeats) == (
+        2,
+        2,
+        1,
+        2,
+    )  # what the help gives for --quick
 
 
 def test_a_negative_cold_docs_is_refused_by_name(capsys):
@@ -186,7 +196,7 @@ def test_throughput_pairs_the_rounds_both_ways_ran():
 
 def test_the_throughput_check_runs_in_pairs_of_engines_and_they_are_planned():
     default, quick = bench.parse_args([]), bench.parse_args(["--quick"])
-    assert default.repeats == 8 and quick.repeats == 2
+    assert default.repeats == 12 and quick.repeats == 2
     # Each throughput pair is two more engines; a single repeat runs in one pair.
     one = bench.parse_args(["--repeats", "1"])
     assert bench.engines_planned(default) - bench.engines_planned(one) == 2 * (bench.THROUGHPUT_PAIRS - 1)
