@@ -128,7 +128,7 @@ class Settings:
     # More fresh processes per connector, each loading every document's first prompt once. The fresh-process
     # overhead ratio rests on their first sights (3 per process, plus the warm pass's 3), and single first sights
     # on the project's 2-core machines vary by tens of milliseconds: the forward step after a load moves by -20
-    # to +60 ms from one request to the next, while UCM's load step itself holds at 14-19 ms. With 12 processes
+    # to +60 ms from one request to the next, while UCM's own part holds at about 14 ms (SD 3 ms). With 12 processes
     # (39 first sights) fourteen runs of the same connector on one machine measured 0.34x-0.55x, a 90% interval
     # of about +-0.1 around each; 20 (63 first sights) narrow it by a fifth, for about 5 more minutes.
     fresh: int = 20

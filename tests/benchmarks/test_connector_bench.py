@@ -118,13 +118,8 @@ def test_the_help_names_the_defaults_a_run_uses(capsys):
     for option, value in options.items():
         described = text.split(f"{option} {option.lstrip('-').upper().replace('-', '_')} ", 1)[1]  # not the usage
         assert described.split("(default: ", 1)[1].startswith(f"{value};"), option
-    quick = bench.parse_args(["--quick"])
-    assert (quick.fresh, quick.reloads, quick.cold_docs, quick.repeats) == (
-        2,
-        2,
-        1,
-        2,
-    )  # what the help gives for --quick
+    quick = bench.parse_args(["--quick"])  # the help gives 2, 2, 1 and 2 for --quick
+    assert (quick.fresh, quick.reloads, quick.cold_docs, quick.repeats) == (2, 2, 1, 2)
 
 
 def test_a_negative_cold_docs_is_refused_by_name(capsys):
