@@ -104,6 +104,18 @@ FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above 
 #: process runs differs from one process to the next, so one pair alone can favour either way. With two pairs,
 #: both pairs of one run have agreed on -14% and -15% and both of another on +23% and +17%.
 THROUGHPUT_PAIRS = 3
+#: What ``--quick`` (a smoke test on the tiny model) sets where the command line does not; the help reads it too.
+QUICK = {
+    "docs": 2,
+    "doc_tokens": 1500,
+    "questions": 2,
+    "repeats": 2,
+    "reloads": 2,
+    "fresh": 2,
+    "cold_docs": 1,
+    "chunk_budget": 512,
+    "tput_prompt_tokens": 500,
+}
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -111,9 +123,9 @@ THROUGHPUT_PAIRS = 3
 class Settings:
     model: str | None
     size: str
-    docs: int
-    doc_tokens: int
-    questions: int
+    docs: int = 3
+    doc_tokens: int = 8000
+    questions: int = 3
     question_words: int = 12
     max_tokens_check: int = 8  # tokens generated to check outputs in the chunked-prefill run
     chunk_budget: int = 2048  # max_num_batched_tokens of the chunked-prefill run
@@ -142,13 +154,22 @@ class Settings:
 def parse_args(argv: Sequence[str] | None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a local model directory (default: build the 'small' random-weight model)")
-    parser.add_argument("--docs", type=int, help="documents (default: 3)")
-    parser.add_argument("--doc-tokens", type=int, help="tokens per document (default: 8000)")
-    parser.add_argument("--questions", type=int, help="questions per document (default: 3)")
+    parser.add_argument("--docs", type=int, help=f"documents (default: {Settings.docs}; {QUICK['docs']} with --quick)")
+    parser.add_argument(
+        "--doc-tokens",
+        type=int,
+        help=f"tokens per document (default: {Settings.doc_tokens}; {QUICK['doc_tokens']} with --quick)",
+    )
+    parser.add_argument(
+        "--questions",
+        type=int,
+        help=f"questions per document (default: {Settings.questions}; {QUICK['questions']} with --quick)",
+    )
     parser.add_argument(
         "--repeats",
         type=int,
-        help=f"interleaved repeats of the throughput check (default: {Settings.repeats}; 2 with --quick)",
+        help="interleaved repeats of the throughput check "
+        f"(default: {Settings.repeats}; {QUICK['repeats']} with --quick)",
     )
     parser.add_argument(
         "--block-size",
@@ -161,20 +182,20 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         "--reloads",
         type=int,
         help="warm passes: more loads of each document's first prompt, after emptying the prefix cache "
-        f"(default: {Settings.reloads}; 2 with --quick)",
+        f"(default: {Settings.reloads}; {QUICK['reloads']} with --quick)",
     )
     parser.add_argument(
         "--fresh",
         type=int,
         help="more fresh warm processes per connector, each loading every document's first prompt once "
-        f"(default: {Settings.fresh}; 2 with --quick)",
+        f"(default: {Settings.fresh}; {QUICK['fresh']} with --quick)",
     )
     parser.add_argument(
         "--cold-docs",
         type=int,
         help="cold check: more documents, prefilled cold by a second pair of fresh engines, without and with UCM, "
         "to measure what saving costs over more prefills than the cold pass has "
-        f"(default: {Settings.cold_docs}; 1 with --quick)",
+        f"(default: {Settings.cold_docs}; {QUICK['cold_docs']} with --quick)",
     )
     parser.add_argument(
         "--dtype",
@@ -184,7 +205,10 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         "arithmetic for it, float32 otherwise)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke test: tiny model, 2 documents x 2 questions x 1500 tokens"
+        "--quick",
+        action="store_true",
+        help=f"smoke test: tiny model, {QUICK['docs']} documents x {QUICK['questions']} questions x "
+        f"{QUICK['doc_tokens']} tokens",
     )
     parser.add_argument("--markdown", metavar="FILE", help="also write the report's tables to FILE")
     parser.add_argument(
@@ -203,14 +227,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     args = parser.parse_args(argv)
     if not isinstance(args.ucm_config, dict):
         parser.error(f"--ucm-config must be a JSON object of settings, got {args.ucm_config!r}")
-    quick = args.quick
     settings = Settings(
         model=args.model,
-        size="tiny" if quick else "small",
-        docs=args.docs or (2 if quick else 3),
-        doc_tokens=args.doc_tokens or (1500 if quick else 8000),
-        questions=args.questions or (2 if quick else 3),
-        repeats=args.repeats or (2 if quick else Settings.repeats),
+        size="tiny" if args.quick else "small",
         block_size=args.block_size,
         dtype=args.dtype,
         markdown=args.markdown,
@@ -218,17 +237,11 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         ucm_config=args.ucm_config,
         page_in=args.page_in,
     )
-    if quick:
-        settings.reloads, settings.fresh, settings.cold_docs = 2, 2, 1
-    if args.reloads is not None:
-        settings.reloads = args.reloads
-    if args.fresh is not None:
-        settings.fresh = args.fresh
-    if args.cold_docs is not None:
-        settings.cold_docs = args.cold_docs
-    if quick:
-        settings.chunk_budget = 512
-        settings.tput_prompt_tokens = 500
+    for name, value in QUICK.items() if args.quick else ():
+        setattr(settings, name, value)
+    for name in ("docs", "doc_tokens", "questions", "repeats", "reloads", "fresh", "cold_docs"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
     if settings.block_size < 1 or settings.block_size % 32:
         parser.error(f"--block-size must be a positive multiple of 32 (CPU attention), not {settings.block_size}")
     if min(settings.docs, settings.questions, settings.repeats) < 1 or settings.doc_tokens < 2 * settings.block_size:

@@ -108,18 +108,19 @@ def test_the_help_names_the_defaults_a_run_uses(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    defaults = bench.parse_args([])
-    options = {
-        "--fresh": defaults.fresh,
-        "--reloads": defaults.reloads,
-        "--cold-docs": defaults.cold_docs,
-        "--repeats": defaults.repeats,
-    }
-    for option, value in options.items():
-        described = text.split(f"{option} {option.lstrip('-').upper().replace('-', '_')} ", 1)[1]  # not the usage
-        assert described.split("(default: ", 1)[1].startswith(f"{value};"), option
-    quick = bench.parse_args(["--quick"])  # the help gives 2, 2, 1 and 2 for --quick
-    assert (quick.fresh, quick.reloads, quick.cold_docs, quick.repeats) == (2, 2, 1, 2)
+    defaults, quick = bench.parse_args([]), bench.parse_args(["--quick"])
+    for option in ("--docs", "--doc-tokens", "--questions", "--fresh", "--reloads", "--cold-docs", "--repeats"):
+        name = option.lstrip("-").replace("-", "_")
+        described = text.split(f"{option} {name.upper()} ", 1)[1]  # not the usage
+        said = described.split("(default: ", 1)[1]
+        assert said.startswith(f"{getattr(defaults, name)}; {getattr(quick, name)} with --quick)"), option
+    assert (quick.docs, quick.questions, quick.doc_tokens) == (2, 2, 1500)  # the smoke test stays small
+    assert f"{quick.docs} documents x {quick.questions} questions x {quick.doc_tokens} tokens" in text
+
+
+def test_the_command_line_wins_over_quick():
+    settings = bench.parse_args(["--quick", "--fresh", "5", "--docs", "4"])
+    assert (settings.fresh, settings.docs, settings.reloads, settings.size) == (5, 4, 2, "tiny")
 
 
 def test_a_negative_cold_docs_is_refused_by_name(capsys):
