@@ -18,9 +18,10 @@ its KV comes from the store. Connector overhead = warm TTFT - FLOOR. The process
 machine's load hits every way alike (on a small machine, where they do not fit in memory
 together, they run one after another).
 
-Then a throughput check without reuse (distinct prompts in one ``generate`` call, eight repeats
-interleaved: no connector, UCM, UCM, no connector, ...; two pairs of engine processes take four
-repeats each), a cold check (twelve more documents prefilled cold by a second pair of engines,
+Then a throughput check without reuse (24 repeats of 8 distinct prompts per way, sent in
+``generate`` calls of 2 prompts; the ways take turns call by call: no connector, UCM, UCM, no
+connector, ...; a UCM call ends once its saves are committed; four pairs of engine processes take
+six repeats each), a cold check (twelve more documents prefilled cold by a second pair of engines,
 without and with UCM, taking turns where they fit in memory together: the cost of saving rests on
 fifteen prefills per way rather than the cold pass's three) and a chunked-prefill run (one long
 prompt, a small ``max_num_batched_tokens``) through both connectors, cold and warm, where warm
@@ -103,7 +104,7 @@ FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above 
 #: Pairs of engine processes (without and with UCM) that share the throughput check's repeats: how fast a
 #: process runs differs from one process to the next, so one pair alone can favour either way. With two pairs,
 #: both pairs of one run have agreed on -14% and -15% and both of another on +23% and +17%.
-THROUGHPUT_PAIRS = 3
+THROUGHPUT_PAIRS = 4
 #: What ``--quick`` (a smoke test on the tiny model) sets where the command line does not; the help reads it too.
 QUICK = {
     "docs": 2,
@@ -132,7 +133,12 @@ class Settings:
     tput_prompts: int = 8
     tput_prompt_tokens: int = 1000
     tput_max_tokens: int = 32
-    repeats: int = 12
+    # Prompts per generate call in the throughput check; the two ways take turns call by call. Each core of the
+    # project's 2-core machines changes speed by up to 2.4x from one second to the next, on its own: two runs of
+    # the same work 1-8 s apart differ by about 25% (SD) whatever the gap, so the comparison gains with the
+    # number of such pairs, and calls of 2 prompts (about 1.3 s) give four times the pairs of one 8-prompt call.
+    tput_batch: int = 2
+    repeats: int = 24
     block_size: int = DEFAULT_BLOCK_TOKENS
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 10  # warm passes: loads again of each document's first prompt, each paired with its repeat
@@ -766,17 +772,35 @@ class _Engine:
             conn.send(("progress", f"{tag}prompt {i + 1}/{len(prompts)}: {row['ttft']:.3f} s{again}"))
         return results
 
-    def generate(self, conn: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    def generate(self, conn: Any, prompts: list[list[int]], max_tokens: int, drain: bool = False) -> dict[str, Any]:
+        """One generate call of ``prompts``; with ``drain``, a UCM engine's call ends only once it has nothing
+        left to write (``drain_s``: that wait), so what its background threads do is timed with it."""
         started, others = time.perf_counter(), ForeignCpu()
         outputs = self._generate(prompts, max_tokens)
+        generated = time.perf_counter()
+        if drain and self.spec.connector == "ucm":
+            self._drain_saves()
         elapsed = time.perf_counter() - started
         return {
             "seconds": elapsed,
+            "drain_s": elapsed - (generated - started),
             "foreign_cpu": others.cores(),
             "prompt_tokens": sum(len(p) for p in prompts),
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
             "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         }
+
+    @staticmethod
+    def _drain_saves() -> None:
+        """Wait until UCM's store has written every chunk handed to it and its shared tier holds copies of
+        them (the tier's filler runs at idle priority, in time the engine leaves)."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        connector = get_kv_transfer_group()
+        connector.wait_for_saves()
+        wait_tier = getattr(connector.store, "wait_shared_memory", None)
+        if wait_tier is not None:
+            wait_tier()
 
     def counters(self, conn: Any) -> dict[str, float]:
         totals: dict[str, float] = {"example_files_read": self.files_read, "example_bytes_read": self.bytes_read}
@@ -1144,23 +1168,26 @@ class Bench:
         return results
 
     def throughput(self) -> dict[str, list[dict[str, Any]]]:
-        """Interleaved repeats of one batch of distinct prompts (no connector, UCM, UCM, no connector, ...),
-        shared by ``THROUGHPUT_PAIRS`` pairs of engine processes, one pair after the other."""
+        """Repeats of a batch of distinct prompts, no connector against UCM: each way's share of a repeat goes in
+        calls of ``tput_batch`` prompts, and the ways take turns call by call (no connector first, then UCM
+        first, ...). UCM's calls end once its saves are committed, so its background writes count as its own
+        time and never fall into the other way's calls. ``THROUGHPUT_PAIRS`` pairs of engine processes share the
+        repeats, one pair after the other."""
         batches = self.workload.throughput
-        kv_bytes = self.kv_cache_bytes([p for batch in batches for p in batch])
         results: dict[str, list[dict[str, Any]]] = {"none": [], "ucm": []}
         pairs = min(THROUGHPUT_PAIRS, len(batches))
         for pair in range(pairs):
             first, last = pair * len(batches) // pairs, (pair + 1) * len(batches) // pairs
-            if not self._throughput_pair(pair + 1, batches, range(first, last), kv_bytes, results):
+            if not self._throughput_pair(pair + 1, batches, range(first, last), results):
                 break
         return results
 
     def _throughput_pair(
-        self, pair: int, batches: list[list[list[int]]], rounds: range, kv_bytes: int, results: dict[str, list]
+        self, pair: int, batches: list[list[list[int]]], rounds: range, results: dict[str, list]
     ) -> bool:
         engines: dict[str, EngineProcess] = {}
         store = self.store(f"store-throughput-{pair}")
+        kv_bytes = self.kv_cache_bytes([p for r in rounds for p in batches[r]])
         try:
             for way, connector in (("none", None), ("ucm", "ucm")):
                 label = f"throughput-{way}-{pair}"
@@ -1168,17 +1195,17 @@ class Bench:
                 spec = self.spec(label, connector, store if connector else None, kv_bytes, self.default_batched)
                 engines[way] = self.pool.start(spec)[0]
             for r in rounds:
-                # Which way runs first alternates, so neither always follows the other's work.
-                order = list(engines.items()) if r % 2 == 0 else list(reversed(engines.items()))
-                for way, engine in order:
-                    time.sleep(SETTLE_S)
-                    run = engine.call("generate", batches[r], self.settings.tput_max_tokens)
-                    run["tokens_per_s"] = (run["prompt_tokens"] + run["output_tokens"]) / run["seconds"]
+                calls: dict[str, list[dict[str, Any]]] = {way: [] for way in engines}
+                for way, prompts in throughput_turns(batches[r], self.settings.tput_batch):
+                    run = engines[way].call("generate", prompts, self.settings.tput_max_tokens, way == "ucm")
+                    calls[way].append(run)
+                for way, runs in calls.items():
+                    run = repeat_totals(runs)
                     run["pair"] = pair
                     results[way].append(run)
                     progress(
-                        f"throughput-{way}-{pair}: repeat {r + 1}/{len(batches)}: {run['seconds']:.2f} s, "
-                        f"{run['tokens_per_s']:.0f} tokens/s"
+                        f"throughput-{way}-{pair}: repeat {r + 1}/{len(batches)} ({len(runs)} calls): "
+                        f"{run['seconds']:.2f} s, {run['tokens_per_s']:.0f} tokens/s"
                     )
             for way in list(engines):
                 self.pool.close_engine(engines.pop(way))
@@ -1191,6 +1218,33 @@ class Bench:
             for engine in engines.values():
                 engine.kill()
             remove_store(store)
+
+
+def throughput_turns(batch: list[list[int]], size: int) -> list[tuple[str, list[list[int]]]]:
+    """The calls of one throughput repeat, in the order they run: ``batch`` in calls of ``size`` prompts, each
+    sent to both ways, the way that goes first alternating from one call to the next."""
+    turns = []
+    for call, start in enumerate(range(0, len(batch), size)):
+        prompts = batch[start : start + size]
+        ways = ("none", "ucm") if call % 2 == 0 else ("ucm", "none")
+        turns += [(way, prompts) for way in ways]
+    return turns
+
+
+def repeat_totals(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """One way's share of a throughput repeat, from its calls: summed seconds and tokens, their tokens/s."""
+    seconds = sum(call["seconds"] for call in calls)
+    prompt_tokens = sum(call["prompt_tokens"] for call in calls)
+    output_tokens = sum(call["output_tokens"] for call in calls)
+    return {
+        "seconds": seconds,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "tokens_per_s": (prompt_tokens + output_tokens) / seconds,
+        "drain_s": sum(call["drain_s"] for call in calls),
+        "foreign_cpu": mean([call["foreign_cpu"] for call in calls]),
+        "calls": len(calls),
+    }
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -1640,8 +1694,9 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
             "",
         ],
         [
-            f"throughput without reuse, UCM vs no connector ({rounds} repeats per way, in "
-            f"{len(tput_per_pair)} pair(s) of engine processes; 90% bootstrap interval; change in each pair)",
+            f"throughput without reuse, UCM vs no connector ({rounds} repeats per way in calls of "
+            f"{settings.tput_batch} prompts, the ways taking turns call by call, in {len(tput_per_pair)} pair(s) of "
+            "engine processes; 90% bootstrap interval; change in each pair)",
             f"{change(tput_change)} ({change_interval(tput_bounds)}; "
             f"{' / '.join(change(c) for c in tput_per_pair.values()) or 'n/a'})",
             f">= -{100 * TARGET_THROUGHPUT_LOSS:.0f}%",
@@ -1699,13 +1754,15 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                 f"{mean([run['tokens_per_s'] for run in runs]):.0f}" if runs else "failed",
                 " / ".join(f"{run['tokens_per_s']:.0f}" for run in runs),
                 f"{mean([run['output_tokens'] / run['seconds'] for run in runs]):.1f}" if runs else "",
+                millis(mean([run["drain_s"] for run in runs])),
                 " / ".join("n/a" if math.isnan(run["foreign_cpu"]) else f"{run['foreign_cpu']:.2f}" for run in runs),
             ]
         )
     out += [
         f"### Throughput without reuse ({settings.tput_prompts} distinct prompts x {settings.tput_prompt_tokens} "
-        f"tokens, max_tokens {settings.tput_max_tokens}, one generate call, repeats interleaved, each way first "
-        "in turn)",
+        f"tokens per repeat, max_tokens {settings.tput_max_tokens}, in generate calls of {settings.tput_batch} "
+        "prompts; the ways take turns call by call, each first in turn; a UCM call ends once its saves are "
+        "committed)",
         "",
         table(
             [
@@ -1714,6 +1771,7 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
                 "tokens/s (prompt + output), mean",
                 "per repeat",
                 "output tokens/s",
+                "waiting for saves to commit, per repeat (ms), mean",
                 "CPU of other processes (cores)",
             ],
             rows,

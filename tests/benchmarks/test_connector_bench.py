@@ -192,12 +192,30 @@ def test_throughput_pairs_the_rounds_both_ways_ran():
 
 def test_the_throughput_check_runs_in_pairs_of_engines_and_they_are_planned():
     default, quick = bench.parse_args([]), bench.parse_args(["--quick"])
-    assert default.repeats == 12 and quick.repeats == 2
+    assert default.repeats == 24 and quick.repeats == 2
     # Each throughput pair is two more engines; a single repeat runs in one pair.
     one = bench.parse_args(["--repeats", "1"])
     assert bench.engines_planned(default) - bench.engines_planned(one) == 2 * (bench.THROUGHPUT_PAIRS - 1)
     no_check = bench.parse_args(["--cold-docs", "0"])
     assert bench.engines_planned(default) - bench.engines_planned(no_check) == 2
+
+
+def test_throughput_ways_take_turns_call_by_call_on_the_same_prompts():
+    batch = [[n] for n in range(7)]
+    turns = bench.throughput_turns(batch, 2)
+    # Each call's prompts go to both ways back to back, and the way that goes first alternates.
+    assert [way for way, _ in turns] == ["none", "ucm", "ucm", "none", "none", "ucm", "ucm", "none"]
+    assert [prompts for _, prompts in turns[::2]] == [[[0], [1]], [[2], [3]], [[4], [5]], [[6]]]
+    assert all(turns[i][1] == turns[i + 1][1] for i in range(0, len(turns), 2))
+    # One way's share of a repeat: its calls' seconds and tokens summed, then divided.
+    calls = [
+        {"seconds": 1.0, "prompt_tokens": 2000, "output_tokens": 64, "drain_s": 0.02, "foreign_cpu": 0.1},
+        {"seconds": 3.0, "prompt_tokens": 2000, "output_tokens": 64, "drain_s": 0.03, "foreign_cpu": 0.3},
+    ]
+    total = bench.repeat_totals(calls)
+    assert total["tokens_per_s"] == pytest.approx(4128 / 4.0)  # not the mean of 2064 and 688 tokens/s
+    assert (total["seconds"], total["calls"]) == (4.0, 2)
+    assert total["drain_s"] == pytest.approx(0.05) and total["foreign_cpu"] == pytest.approx(0.2)
 
 
 def test_ucm_config_store_settings_go_beside_the_bench_root():
