@@ -103,7 +103,8 @@ HITS = "vllm:external_prefix_cache_hits"
 FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above which its time is flagged
 #: Pairs of engine processes (without and with UCM) that share the throughput check's repeats: how fast a
 #: process runs differs from one process to the next, so one pair alone can favour either way. With two pairs,
-#: both pairs of one run have agreed on -14% and -15% and both of another on +23% and +17%.
+#: both pairs of one run have agreed on -14% and -15% and both of another on +23% and +17%; with calls taking
+#: turns, two identical engines measured +3.2%, +8.5%, -5.8% and +2.2% in four pairs.
 THROUGHPUT_PAIRS = 4
 #: What ``--quick`` (a smoke test on the tiny model) sets where the command line does not; the help reads it too.
 QUICK = {
@@ -134,9 +135,9 @@ class Settings:
     tput_prompt_tokens: int = 1000
     tput_max_tokens: int = 32
     # Prompts per generate call in the throughput check; the two ways take turns call by call. Each core of the
-    # project's 2-core machines changes speed by up to 2.4x from one second to the next, on its own: two runs of
-    # the same work 1-8 s apart differ by about 25% (SD) whatever the gap, so the comparison gains with the
-    # number of such pairs, and calls of 2 prompts (about 1.3 s) give four times the pairs of one 8-prompt call.
+    # project's 2-core machines swings in speed by up to 2.4x within seconds, on its own: two runs of the same
+    # work 0.5-8 s apart differ by about 25% (SD) whatever the gap, so the comparison gains with the number of
+    # such pairs, and calls of 2 prompts (about 1.6 s) give four times the pairs of one 8-prompt call.
     tput_batch: int = 2
     repeats: int = 24
     block_size: int = DEFAULT_BLOCK_TOKENS
