@@ -28,9 +28,9 @@ prompt, a small ``max_num_batched_tokens``) through both connectors, cold and wa
 outputs must equal cold ones; a connector that fails is reported, and the run goes on.
 
 Progress goes to stderr, the report (Markdown tables) to stdout. With the default "small" model
-(random weights, ~100M parameters, built offline) a run takes about 55 minutes in float32 on an
-AVX2-only CPU with 2 idle cores, or about 27 minutes in bfloat16 on a CPU with AVX-512 and AMX;
-``--quick`` (tiny model, short documents) is a smoke test of about 8 minutes.
+(random weights, ~100M parameters, built offline) a run takes about an hour in float32 on an
+AVX2-only CPU with 2 idle cores (an estimate), or about 30 minutes in bfloat16 on a CPU with AVX-512
+and AMX; ``--quick`` (tiny model, short documents) is a smoke test of about 5-8 minutes.
 
 Engines use 32-token blocks (``--block-size``; vLLM's CPU default is 128) and questions are drawn so
 that no prompt ends 0 or 1 token past a block boundary: see DEFAULT_BLOCK_TOKENS and
