@@ -133,3 +133,14 @@ def test_wait_for_saves_returns_once_every_chunk_is_committed(first_run):
     flushes each file to the disk."""
     run = EngineResult(first_run["wait-for-saves"])
     assert run.files_after("long") == distinct_chunks(LONG, 32) > 0
+
+
+def test_chunks_smaller_than_a_block_load_into_the_last_partial_block(first_run, second_run):
+    """With 32-token chunks a block-128 engine also loads the full chunks of each prompt's last, partial
+    block, which vLLM's own prefix cache (whole blocks only) recomputes, and the outputs do not change."""
+    run = EngineResult(second_run["warm128-chunk32"])
+    assert_same_outputs(run, EngineResult(first_run["base128"]), "single")
+    # Every whole 32-token chunk was served, so every prompt whose last block is partial got more
+    # than vLLM's own prefix cache (whole blocks only) could give it.
+    assert_loaded_every_full_chunk(run, "single", SINGLE, 32)
+    assert any(loadable(p, 32) > loadable(p, 128) for p in SINGLE), "the prompts must end in partial blocks"
