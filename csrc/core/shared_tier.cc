@@ -84,6 +84,23 @@ bool holds(const SlotHeader& slot, const std::string& id, uint32_t shard) {
     return slot.id_len == id.size() && slot.shard == shard && std::memcmp(slot.id, id.data(), id.size()) == 0;
 }
 
+// Write the pieces of `payload` at `offset` of `fd`, all of them or fail (a full filesystem).
+bool write_payload(int fd, const std::vector<Buffer>& payload, off_t offset) {
+    for (const Buffer& b : payload) {
+        const uint8_t* data = static_cast<const uint8_t*>(b.data);
+        size_t left = b.size;
+        while (left > 0) {
+            ssize_t n = ::pwrite(fd, data, left, offset);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) return false;
+            data += n;
+            left -= static_cast<size_t>(n);
+            offset += n;
+        }
+    }
+    return true;
+}
+
 }  // namespace
 
 struct SharedTier::Arena {
@@ -404,17 +421,12 @@ void SharedTier::write(const std::string& id, uint32_t shard, const std::vector<
         slot->claimed_s.store(now, std::memory_order_relaxed);
         slot->writer_pid = static_cast<uint32_t>(::getpid());
         slot->id_len = 0;
-        // Allocate the slot's memory first: writing into a hole of a full memory filesystem
-        // through the mapping would kill the process (SIGBUS); fallocate reports it instead.
+        // The payload goes in through the file, not the mapping: the kernel allocates the pages
+        // as it copies (no page fault per page, no zeroing of pages about to be overwritten), and
+        // a full memory filesystem fails the write instead of killing the process (SIGBUS).
         off_t offset = static_cast<off_t>(arena->data_offset + pick * arena->stride);
-        bool room =
-            ::fallocate(arena->fd, 0, offset, static_cast<off_t>(arena->stride)) == 0 || errno == EOPNOTSUPP;
+        bool room = write_payload(arena->fd, payload, offset);
         if (room) {
-            uint8_t* dst = arena->data(pick);
-            for (const Buffer& b : payload) {
-                std::memcpy(dst, b.data, b.size);
-                dst += b.size;
-            }
             slot->checksum = checksum;
             slot->ino = file.ino;
             slot->stamp = file.stamp;

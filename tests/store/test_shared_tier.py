@@ -10,8 +10,10 @@ import json
 import mmap
 import os
 import random
+import shutil
 import signal
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from storetest import (
     big_entry,
     block_files,
     block_ids,
+    child_argv,
+    child_env,
     dump_entries,
     load_entries,
     make_entries,
@@ -166,6 +170,47 @@ def test_prewarm_copies_files_written_without_the_tier_into_it(tier):
     with open_store("posix", tier()) as store:
         assert load_entries(store, entries) == ([], [])
         assert store.shared_memory_stats()["hits"] == 12
+
+
+#: Child script: dump and load back ``count`` blocks through a tier whose memory filesystem is small.
+DUMP_AND_LOAD = """
+import json, storetest
+from ucm.store import open_store
+
+config, tag, count, size = storetest.child_args()
+with open_store("posix", config) as store:
+    entries = [(i, 0, storetest.payload(i, 0, size)) for i in storetest.block_ids(count, tag)]
+    storetest.dump_entries(store, entries)
+    store.wait_shared_memory()
+    failed, wrong = storetest.load_entries(store, entries)
+    print(json.dumps({"failed": len(failed), "wrong": len(wrong), **store.shared_memory_stats()}))
+"""
+
+
+def test_a_full_memory_filesystem_leaves_shards_out_of_the_tier_and_the_process_alive(tier):
+    # 40 shards of 100 kB through a tier on a 1-MiB memory filesystem: the copies that do not fit
+    # are counted as unwritten (a copy written through the mapping into a hole of a full memory
+    # filesystem would kill the process with SIGBUS), and every load is right.
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to mount a small tmpfs")
+    mount_then_run = 'mount -t tmpfs -o size=1m none "$0" && echo mounted && exec "$@"'
+    argv = child_argv(DUMP_AND_LOAD, [tier(), "full", 40, 100_000])
+    proc = subprocess.run(
+        [unshare, "-Urm", "sh", "-c", mount_then_run, str(tier.directory), *argv],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if not proc.stdout.startswith("mounted"):
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.splitlines()[1])
+    assert (got["failed"], got["wrong"]) == (0, 0)
+    # (A load that missed the tier tries the copy again, and counts again.)
+    assert 0 < got["written"] < 40 and got["unwritten"] >= 40 - got["written"], got
+    assert got["hits"] == got["written"]
 
 
 def test_a_damaged_copy_is_never_served_and_the_store_file_is(tier):
