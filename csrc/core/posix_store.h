@@ -85,7 +85,7 @@ private:
 
     std::string dump_one(const ShardIO& item);
     std::string load_one(const ShardIO& item);
-    std::string write_shard(int fd, const ShardIO& item);
+    std::string write_shard(int fd, const ShardIO& item, uint64_t* checksum);
     std::string read_shard(int fd, const ShardIO& item);
     std::string read_shard_to_sink(int fd, const ShardIO& item);
     std::string read_shard_direct(int fd, const ShardIO& item);
@@ -107,8 +107,8 @@ private:
     static bool touched_recently(int64_t mtime_s);
     static void touch(int fd);
     void touch_path(const std::string& path, int64_t mtime_s) const;
-    // Copies a verified shard file into the shared tier (after a dump, a load that missed the tier,
-    // prewarm); returns the file's size (0: it is gone).
+    // Copies a verified shard file into the shared tier (after a load that missed the tier, or for
+    // prewarm; a dump copies its own bytes); returns the file's size (0: it is gone).
     uint64_t fill_tier(const std::string& path);
     void queue_fill(const std::string& path);
     void fill_loop();

@@ -134,6 +134,23 @@ def test_a_fresh_process_loads_what_another_saved_from_shared_memory(tier):
     assert got["quick_hits"] == 40
 
 
+def test_a_dump_puts_its_shards_in_the_tier_before_it_completes(tier):
+    # The save threads copy what they write into the tier themselves: once the dump is waited for,
+    # the copies are there, with no wait for a background thread, and another process loads them
+    # from memory.
+    config = tier()
+    entries = make_entries(block_ids(120, "at-once"), low=100_000, high=100_000)
+    with open_store("posix", config) as store:
+        dump_entries(store, entries)
+        stats = store.shared_memory_stats()
+        assert (stats["written"], stats["filled"]) == (120, 120)
+    got = json.loads(run_child(LOADER, config, "at-once", 0, 0))  # opens the tier only
+    assert got["filled"] == 120
+    with open_store("posix", config) as store:
+        assert load_entries(store, entries) == ([], [])
+        assert store.shared_memory_stats()["hits"] == 120
+
+
 @pytest.mark.parametrize("size", [100_001, 2 * 4096 - 128], ids=["padded", "aligned"])
 def test_blocks_saved_with_direct_io_are_shared_too(tier, tmp_path, size):
     # O_DIRECT files are zero padded after their trailer to a multiple of 4096 bytes (or not at
