@@ -129,31 +129,57 @@ def test_a_negative_cold_docs_is_refused_by_name(capsys):
     assert "--cold-docs must be 0 or more" in capsys.readouterr().err
 
 
-def test_the_cost_of_saving_pools_the_cold_pass_and_the_cold_check():
-    def rows(*seconds, hooks=()):
+def test_the_cost_of_saving_rests_on_the_cold_check_and_else_on_the_cold_pass():
+    def rows(*seconds, hooks=(), waits=()):
         return [
-            {"ttft": value, "counters": {bench.STEP_SECONDS: hook} if hook is not None else {}}
-            for value, hook in itertools.zip_longest(seconds, hooks)
+            {
+                "ttft": value,
+                "counters": {bench.STEP_SECONDS: hook} if hook is not None else {},
+                **({"wait_s": wait} if wait is not None else {}),
+            }
+            for value, hook, wait in itertools.zip_longest(seconds, hooks, waits)
         ]
 
-    # Two documents, two questions each: the first prompts are rows 0 and 2. UCM's rows carry the
-    # time its engine spent in the connector's hooks.
+    # Two documents, two questions each in the cold pass: the first prompts are rows 0 and 2. UCM's
+    # rows carry the time its engine spent in the connector's hooks, the cold check's its waits too.
     passes = {
         "none": bench.Pass("none", None, rows(40.0, 0.5, 44.0, 0.5)),
         "ucm-cold": bench.Pass("ucm-cold", "ucm", rows(41.0, 0.6, 43.0, 0.6, hooks=(0.04, 0.0, 0.05, 0.0))),
-        "cold-check-none": bench.Pass("cold-check-none", None, rows(42.0)),
-        "cold-check-ucm": bench.Pass("cold-check-ucm", "ucm", rows(42.5, hooks=(0.045,))),
+        "cold-check-none": bench.Pass("cold-check-none", None, rows(42.0, 45.0)),
+        "cold-check-ucm": bench.Pass(
+            "cold-check-ucm", "ucm", rows(42.5, 45.1, hooks=(0.045, 0.05), waits=(0.03, 0.02))
+        ),
     }
-    pooled = bench.cold_prefills(passes, [0, 2])
-    assert [(a, b, h) for _, a, b, h in pooled] == [(40.0, 41.0, 0.04), (44.0, 43.0, 0.05), (42.0, 42.5, 0.045)]
-    assert [name for name, *_ in pooled] == [
-        "cold pass, document 1",
-        "cold pass, document 2",
-        "cold check, document 1",
+    assert bench.cold_prefills(passes, [0, 2]) == [
+        ("cold check, document 1", 42.0, 42.5, 0.045, 0.03),
+        ("cold check, document 2", 45.0, 45.1, 0.05, 0.02),
     ]
-    # A cold check that failed leaves the cold pass's prefills alone.
+    # A cold check that failed, or did not run, leaves the cold pass's first prompts.
     passes["cold-check-ucm"].error = "engine died"
+    assert bench.cold_prefills(passes, [0, 2]) == [
+        ("cold pass, document 1", 40.0, 41.0, 0.04, 0.0),
+        ("cold pass, document 2", 44.0, 43.0, 0.05, 0.0),
+    ]
+    del passes["cold-check-ucm"], passes["cold-check-none"]
     assert len(bench.cold_prefills(passes, [0, 2])) == 2
+
+
+def test_a_cold_check_prefill_counts_the_waits_for_saves_but_the_last():
+    steps = [
+        {"seconds": 1.5, "drain_s": 0.02, "done": False},
+        {"seconds": 1.6, "drain_s": 0.03, "done": False},
+        {"seconds": 1.7, "drain_s": 0.05, "done": True, "token": 7, "logprob": -1.25},
+    ]
+    row = bench.cold_check_row(steps)
+    # The last wait comes after the token: a request's TTFT does not include it.
+    assert row["ttft"] == pytest.approx(1.5 + 1.6 + 1.7 + 0.02 + 0.03)
+    assert (row["wait_s"], row["after_s"]) == (pytest.approx(0.05), 0.05)
+    assert (row["steps"], row["token"], row["logprob"]) == (3, 7, -1.25)
+    passes = {
+        "cold-check-none": bench.Pass("cold-check-none", None, [{"token": 7, "logprob": -1.25}] * 2),
+        "cold-check-ucm": bench.Pass("cold-check-ucm", "ucm", [row, {**row, "logprob": -1.5}]),
+    }
+    assert bench.same_in_check(passes) == "1/2"
 
 
 def test_paired_prefills_give_a_paired_interval():
@@ -197,7 +223,10 @@ def test_the_throughput_check_runs_in_pairs_of_engines_and_they_are_planned():
     one = bench.parse_args(["--repeats", "1"])
     assert bench.engines_planned(default) - bench.engines_planned(one) == 2 * (bench.THROUGHPUT_PAIRS - 1)
     no_check = bench.parse_args(["--cold-docs", "0"])
-    assert bench.engines_planned(default) - bench.engines_planned(no_check) == 2
+    assert bench.engines_planned(default) - bench.engines_planned(no_check) == 2 * bench.COLD_CHECK_PAIRS
+    # A single cold-check document runs in one pair.
+    one_doc = bench.parse_args(["--cold-docs", "1"])
+    assert bench.engines_planned(one_doc) - bench.engines_planned(no_check) == 2
 
 
 def test_throughput_ways_take_turns_call_by_call_on_the_same_prompts():
