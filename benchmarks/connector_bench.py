@@ -1767,10 +1767,10 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
     cost_bounds = ratio_interval(cold_ucm, cold_none, paired=True)
     check_ucm = passes.get("cold-check-ucm")
     if stepwise and check_ucm is not None:
-        steps = check_ucm.rows[0]["steps"]
+        steps = check_ucm.rows[0].get("steps")  # none where the engines could not take turns (see Bench.cold_check)
         where = (
             f"the cold check: {len(prefills)} document(s) of their own, prefilled in steps of {settings.chunk_budget} "
-            f"tokens ({steps} steps each)"
+            f"tokens ({f'{steps} steps each' if steps else 'one engine after the other: they did not fit together'})"
         )
         how = (
             "What saving costs: each document prefilled cold (nothing cached anywhere) by an engine without a "
@@ -1785,6 +1785,11 @@ def report(settings: Settings, workload: Workload, passes: dict[str, Pass], tput
             "time UCM's engine spent in the connector's hooks (`vllm:ucm_step_seconds`: looking the prompt up, "
             "copying its chunks out of the KV cache and handing them to the store), timed inside the engine."
         )
+        if not steps:
+            how += (
+                " In this run the two engines did not fit in memory together: each prefilled every document, one "
+                "engine after the other, and UCM's saves were not waited for."
+            )
     else:
         where = f"the cold pass's first prompts: {len(prefills)} documents"
         how = (
