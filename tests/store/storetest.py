@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -243,6 +244,30 @@ def start_child(script: str, *args) -> subprocess.Popen:
     return subprocess.Popen(
         child_argv(script, args), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def run_child_on_mount(script: str, args, mount_point: Path, mount: str, timeout: float = 120):
+    """Run ``script`` like :func:`run_child`, in a private user and mount namespace where ``mount`` (``mount``'s
+    arguments before the mount point, e.g. ``-t ramfs none``) is mounted at ``mount_point``; the host is left
+    untouched. Skips the test where such a mount is not allowed. Returns the finished process, whose stdout
+    starts after the line the mount printed."""
+    import pytest  # children import this module too: they do without pytest
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to mount a filesystem of its own")
+    mount_then_run = f'mount {mount} "$0" && echo mounted && exec "$@"'
+    proc = subprocess.run(
+        [unshare, "-Urm", "sh", "-c", mount_then_run, str(mount_point), *child_argv(script, args)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if not proc.stdout.startswith("mounted"):
+        pytest.skip(f"cannot mount {mount} in a user namespace here: {proc.stderr.strip()}")
+    proc.stdout = proc.stdout.split("\n", 1)[1]
+    return proc
 
 
 def child_args() -> list:

@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -21,13 +20,12 @@ from storetest import (
     big_entry,
     block_files,
     block_ids,
-    child_argv,
-    child_env,
     disk_bytes,
     dump_entries,
     load_entries,
     make_entries,
     run_child,
+    run_child_on_mount,
     start_child,
     supports_o_direct,
     temp_files,
@@ -230,24 +228,11 @@ else:
 
 
 def test_direct_io_on_a_filesystem_refusing_o_direct_raises_value_error_naming_o_direct(tmp_path):
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("needs unshare(1) to mount a ramfs")
     mount_point = tmp_path / "ramfs"
     mount_point.mkdir()
     root = mount_point / "store"
-    # ramfs refuses O_DIRECT; mounting it in a private user and mount namespace leaves the host untouched.
-    mount_then_run = 'mount -t ramfs none "$0" && echo mounted && exec "$@"'
-    proc = subprocess.run(
-        [unshare, "-Urm", "sh", "-c", mount_then_run, str(mount_point), *child_argv(OPEN_WITH_DIRECT_IO, [str(root)])],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if not proc.stdout.startswith("mounted"):
-        pytest.skip(f"cannot mount a ramfs in a user namespace here: {proc.stderr.strip()}")
-
+    # ramfs refuses O_DIRECT.
+    proc = run_child_on_mount(OPEN_WITH_DIRECT_IO, [str(root)], mount_point, "-t ramfs none", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "O_DIRECT" in proc.stdout and str(root) in proc.stdout, proc.stdout
 

@@ -10,10 +10,8 @@ import json
 import mmap
 import os
 import random
-import shutil
 import signal
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,13 +20,12 @@ from storetest import (
     big_entry,
     block_files,
     block_ids,
-    child_argv,
-    child_env,
     dump_entries,
     load_entries,
     make_entries,
     payload,
     run_child,
+    run_child_on_mount,
     start_child,
     supports_o_direct,
 )
@@ -208,22 +205,9 @@ def test_a_full_memory_filesystem_leaves_shards_out_of_the_tier_and_the_process_
     # 40 shards of 100 kB through a tier on a 1-MiB memory filesystem: the copies that do not fit
     # are counted as unwritten (a copy written through the mapping into a hole of a full memory
     # filesystem would kill the process with SIGBUS), and every load is right.
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("needs unshare(1) to mount a small tmpfs")
-    mount_then_run = 'mount -t tmpfs -o size=1m none "$0" && echo mounted && exec "$@"'
-    argv = child_argv(DUMP_AND_LOAD, [tier(), "full", 40, 100_000])
-    proc = subprocess.run(
-        [unshare, "-Urm", "sh", "-c", mount_then_run, str(tier.directory), *argv],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if not proc.stdout.startswith("mounted"):
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()}")
+    proc = run_child_on_mount(DUMP_AND_LOAD, [tier(), "full", 40, 100_000], tier.directory, "-t tmpfs -o size=1m none")
     assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout.splitlines()[1])
+    got = json.loads(proc.stdout)
     assert (got["failed"], got["wrong"]) == (0, 0)
     # (A load that missed the tier tries the copy again, and counts again.)
     assert 0 < got["written"] < 40 and got["unwritten"] >= 40 - got["written"], got
