@@ -638,6 +638,7 @@ class _Engine:
         self.files_read = 0
         self.bytes_read = 0
         self.last_disk_bytes = math.nan  # read from disk during the last timed request
+        self.queued = 0  # prompts queued by begin(), for their request ids
         transfer = None
         if spec.connector == "ucm":
             transfer = KVTransferConfig(
@@ -696,10 +697,15 @@ class _Engine:
 
         safetensors.torch.load_file = counting_load_file
 
-    def _generate(self, prompts: list[list[int]], max_tokens: int) -> list[Any]:
+    @staticmethod
+    def _params(max_tokens: int) -> Any:
+        """Every request the bench sends: greedy, the chosen token's logprob, exactly ``max_tokens`` tokens."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
+
+    def _generate(self, prompts: list[list[int]], max_tokens: int) -> list[Any]:
+        params = self._params(max_tokens)
         return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
     @staticmethod
@@ -784,7 +790,7 @@ class _Engine:
         started, others = time.perf_counter(), ForeignCpu()
         outputs = self._generate(prompts, max_tokens)
         generated = time.perf_counter()
-        if drain and self.spec.connector == "ucm":
+        if drain:
             self._drain_saves()
         elapsed = time.perf_counter() - started
         return {
@@ -799,13 +805,12 @@ class _Engine:
     def begin(self, conn: Any, prompt: list[int]) -> dict[str, float]:
         """Queue ``prompt`` for one output token without running it; ``step`` then runs the engine one step
         at a time. Returns the counters before it, for the prompt's share of them."""
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, ignore_eos=True)
+        params = self._params(1)
         params.output_kind = RequestOutputKind.FINAL_ONLY
-        self._steps = getattr(self, "_steps", 0) + 1
-        self.llm.llm_engine.add_request(f"step-{self._steps}", {"prompt_token_ids": prompt}, params)
+        self.queued += 1
+        self.llm.llm_engine.add_request(f"step-{self.queued}", {"prompt_token_ids": prompt}, params)
         return self.counters(conn)
 
     def step(self, conn: Any, drain: bool) -> dict[str, Any]:
@@ -814,7 +819,7 @@ class _Engine:
         started = time.perf_counter()
         outputs = self.llm.llm_engine.step()
         stepped = time.perf_counter()
-        if drain and self.spec.connector == "ucm":
+        if drain:
             self._drain_saves()
         row: dict[str, Any] = {"seconds": stepped - started, "drain_s": time.perf_counter() - stepped}
         finished = [output for output in outputs if output.finished]
@@ -823,10 +828,11 @@ class _Engine:
             row["token"], row["logprob"] = self._first(finished[0])
         return row
 
-    @staticmethod
-    def _drain_saves() -> None:
-        """Wait until UCM's store has written every chunk handed to it and its shared tier holds copies of
-        them (the tier's filler runs at idle priority, in time the engine leaves)."""
+    def _drain_saves(self) -> None:
+        """For a UCM engine, wait until its store has written every chunk handed to it and its shared tier
+        holds copies of them; other engines have nothing in the background to wait for."""
+        if self.spec.connector != "ucm":
+            return
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
         connector = get_kv_transfer_group()

@@ -21,6 +21,7 @@
 
 #include "block_format.h"
 #include "checksum.h"
+#include "file_io.h"
 #include "sink.h"
 
 namespace ucm {
@@ -29,7 +30,6 @@ namespace {
 constexpr size_t kDirCount = 4096;         // blocks/<3 hex digits>/
 constexpr size_t kPieceBytes = 256 << 10;  // checksum each piece while it is still in the CPU cache
 constexpr int64_t kTouchSeconds = 30;      // recency is refreshed at most this often per file
-constexpr size_t kMaxIov = 512;            // well under IOV_MAX
 constexpr size_t kDirectAlign = 4096;
 constexpr int64_t kTmpGraceSeconds = 600;  // a temporary file untouched this long has no live writer
 constexpr int64_t kLeaseSeconds = 120;     // an eviction lease older than this is abandoned
@@ -66,35 +66,6 @@ struct FdGuard {
         if (fd >= 0) ::close(fd);
     }
 };
-
-// Moves all of iov[] at `offset`, resuming after short transfers. Returns bytes moved (less than
-// asked only at end of file) or -errno.
-ssize_t transfer_all(int fd, std::vector<iovec> iov, off_t offset, bool write) {
-    size_t moved = 0;
-    size_t first = 0;
-    while (first < iov.size()) {
-        int count = static_cast<int>(std::min(iov.size() - first, kMaxIov));
-        ssize_t n = write ? ::pwritev(fd, iov.data() + first, count, offset)
-                          : ::preadv(fd, iov.data() + first, count, offset);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        if (n == 0) break;  // end of file
-        moved += static_cast<size_t>(n);
-        offset += n;
-        size_t left = static_cast<size_t>(n);
-        while (first < iov.size() && left >= iov[first].iov_len) {
-            left -= iov[first].iov_len;
-            ++first;
-        }
-        if (left > 0) {
-            iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
-            iov[first].iov_len -= left;
-        }
-    }
-    return static_cast<ssize_t>(moved);
-}
 
 // Walks a shard's buffers in pieces of at most `bytes`, as iovecs (zero-length buffers skipped).
 class PieceCursor {

@@ -14,6 +14,7 @@
 #include <ctime>
 
 #include "checksum.h"
+#include "file_io.h"
 #include "sink.h"
 #include "thread_pool.h"
 
@@ -82,23 +83,6 @@ uint64_t slot_hash(const std::string& id, uint32_t shard) {
 
 bool holds(const SlotHeader& slot, const std::string& id, uint32_t shard) {
     return slot.id_len == id.size() && slot.shard == shard && std::memcmp(slot.id, id.data(), id.size()) == 0;
-}
-
-// Write the pieces of `payload` at `offset` of `fd`, all of them or fail (a full filesystem).
-bool write_payload(int fd, const std::vector<Buffer>& payload, off_t offset) {
-    for (const Buffer& b : payload) {
-        const uint8_t* data = static_cast<const uint8_t*>(b.data);
-        size_t left = b.size;
-        while (left > 0) {
-            ssize_t n = ::pwrite(fd, data, left, offset);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) return false;
-            data += n;
-            left -= static_cast<size_t>(n);
-            offset += n;
-        }
-    }
-    return true;
 }
 
 }  // namespace
@@ -425,7 +409,10 @@ void SharedTier::write(const std::string& id, uint32_t shard, const std::vector<
         // as it copies (no page fault per page, no zeroing of pages about to be overwritten), and
         // a full memory filesystem fails the write instead of killing the process (SIGBUS).
         off_t offset = static_cast<off_t>(arena->data_offset + pick * arena->stride);
-        bool room = write_payload(arena->fd, payload, offset);
+        std::vector<iovec> iov;
+        iov.reserve(payload.size());
+        for (const Buffer& b : payload) iov.push_back({b.data, b.size});
+        bool room = transfer_all(arena->fd, std::move(iov), offset, true) == static_cast<ssize_t>(total);
         if (room) {
             slot->checksum = checksum;
             slot->ino = file.ino;
