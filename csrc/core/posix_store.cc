@@ -753,13 +753,17 @@ uint64_t PosixStore::evict_pass(bool take, bool wait_for_lease) {
     return freed;
 }
 
-void PosixStore::for_each_file(const std::function<void(const std::string&, const std::string&,
-                                                         const struct stat&)>& visit) const {
+void PosixStore::for_each_file(
+    const std::function<void(const std::string&, const std::string&, const struct stat&)>& visit,
+    bool create_missing) const {
     for (size_t d = 0; d < kDirCount; ++d) {
         char dir[8];
         std::snprintf(dir, sizeof(dir), "%03zx", d);
         int dfd = ::openat(blocks_fd_, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0) continue;
+        if (dfd < 0) {
+            if (create_missing && errno == ENOENT) ::mkdirat(blocks_fd_, dir, 0755);  // empty: nothing to visit
+            continue;
+        }
         DIR* listing = ::fdopendir(dfd);
         if (listing == nullptr) {
             ::close(dfd);
@@ -803,7 +807,9 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
     auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(); };
 
     // The shard files of this store's blocks, most recently used first (recency is the mtime, as
-    // for eviction). Commit markers and other shards' files are left out.
+    // for eviction). Commit markers and other shards' files are left out. Fan-out directories that
+    // do not exist yet (a new store) are created on the way: otherwise the first save into each
+    // pays for it, and on a disk filesystem a mkdir can cost as much as writing the chunk.
     std::string suffix = config_.num_shards > 1 && shard >= 0 ? "." + std::to_string(shard) : "";
     std::vector<std::pair<int64_t, std::string>> files;
     for_each_file([&](const std::string& path, const std::string& name, const struct stat& st) {
@@ -812,7 +818,7 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
             if (ends_with(path, ".ok") || (!suffix.empty() && !ends_with(path, suffix))) return;
         }
         files.emplace_back(mtime_ns(st), path);
-    });
+    }, /*create_missing=*/true);
     std::sort(files.begin(), files.end(), std::greater<>());
 
     // Reading (rather than read-ahead advice) also marks pages already cached as recently used, so

@@ -548,6 +548,23 @@ def test_prewarm_of_one_shard_reads_only_that_shards_files(open_test_store, root
     assert {path.suffix: bool(cached_pages(path)) for path in files} == {".0": False, ".1": True}
 
 
+def test_prewarm_of_a_new_store_creates_its_directories_ahead_of_the_first_saves(open_test_store, root):
+    # On a disk filesystem a mkdir can cost as much as writing a chunk: an engine starting on a new
+    # store makes the fan-out directories at start-up, not one per first save into each.
+    store = open_test_store("posix")
+    blocks = root / "blocks"
+    assert not any(blocks.iterdir())
+    store.prewarm(1 << 20)
+    stats = wait_prewarm(store)
+    assert stats["files"] == 0
+    dirs = sorted(p.name for p in blocks.iterdir())
+    assert dirs == [f"{d:03x}" for d in range(4096)] and all((blocks / d).is_dir() for d in dirs)
+    entries = make_entries(block_ids(20, "after-prewarm"), low=BLOCK, high=BLOCK)
+    dump_entries(store, entries)
+    assert load_entries(open_test_store("posix"), entries) == ([], [])
+    assert len(list(blocks.iterdir())) == 4096  # the saves found their directories there
+
+
 def test_prewarm_budget_must_be_a_non_negative_int(open_test_store):
     store = open_test_store("posix")
     for bad in (-1, 1.5, True):
