@@ -1,4 +1,4 @@
-// Whole transfers between memory and a file descriptor, resuming after short reads and writes.
+// Whole transfers between memory and a file descriptor (or socket), resuming after short ones.
 #pragma once
 
 #include <sys/types.h>
@@ -13,6 +13,20 @@
 namespace ucm {
 
 constexpr size_t kMaxIov = 512;  // iovecs per system call, well under IOV_MAX
+
+// Skips `bytes` already moved from iov[first...]: returns the first iovec with bytes left, and
+// trims that one to what is left of it.
+inline size_t advance_iov(std::vector<iovec>& iov, size_t first, size_t bytes) {
+    while (first < iov.size() && bytes >= iov[first].iov_len) {
+        bytes -= iov[first].iov_len;
+        ++first;
+    }
+    if (bytes > 0) {
+        iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + bytes;
+        iov[first].iov_len -= bytes;
+    }
+    return first;
+}
 
 // Moves all of iov[] at `offset`, resuming after short transfers and EINTR. Returns the bytes
 // moved (less than asked only at end of file, or when a write makes no progress) or -errno.
@@ -30,15 +44,7 @@ inline ssize_t transfer_all(int fd, std::vector<iovec> iov, off_t offset, bool w
         if (n == 0) break;  // end of file
         moved += static_cast<size_t>(n);
         offset += n;
-        size_t left = static_cast<size_t>(n);
-        while (first < iov.size() && left >= iov[first].iov_len) {
-            left -= iov[first].iov_len;
-            ++first;
-        }
-        if (left > 0) {
-            iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
-            iov[first].iov_len -= left;
-        }
+        first = advance_iov(iov, first, static_cast<size_t>(n));
     }
     return static_cast<ssize_t>(moved);
 }

@@ -22,6 +22,8 @@
 #include <openssl/x509v3.h>
 #endif
 
+#include "file_io.h"
+
 namespace ucm {
 
 namespace {
@@ -333,15 +335,7 @@ std::string RedisConnection::send(const std::vector<iovec>& iov) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) return fail("timed out sending");
             return fail("send failed: " + errno_text(errno));
         }
-        size_t sent = static_cast<size_t>(n);
-        while (first < rest.size() && sent >= rest[first].iov_len) {
-            sent -= rest[first].iov_len;
-            ++first;
-        }
-        if (sent > 0) {
-            rest[first].iov_base = static_cast<char*>(rest[first].iov_base) + sent;
-            rest[first].iov_len -= sent;
-        }
+        first = advance_iov(rest, first, static_cast<size_t>(n));
     }
     return {};
 }
