@@ -755,8 +755,8 @@ uint64_t PosixStore::evict_pass(bool take, bool wait_for_lease) {
 
 void PosixStore::for_each_file(
     const std::function<void(const std::string&, const std::string&, const struct stat&)>& visit,
-    bool create_missing) const {
-    for (size_t d = 0; d < kDirCount; ++d) {
+    bool create_missing, const std::atomic<bool>* stop) const {
+    for (size_t d = 0; d < kDirCount && !(stop != nullptr && stop->load()); ++d) {
         char dir[8];
         std::snprintf(dir, sizeof(dir), "%03zx", d);
         int dfd = ::openat(blocks_fd_, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -818,7 +818,7 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
             if (ends_with(path, ".ok") || (!suffix.empty() && !ends_with(path, suffix))) return;
         }
         files.emplace_back(mtime_ns(st), path);
-    }, /*create_missing=*/true);
+    }, /*create_missing=*/true, &prewarm_stop_);
     std::sort(files.begin(), files.end(), std::greater<>());
 
     // Reading (rather than read-ahead advice) also marks pages already cached as recently used, so

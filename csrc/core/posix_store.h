@@ -102,9 +102,10 @@ private:
     bool loaded_since(const std::vector<std::string>& files, int64_t since_ns) const;
     // Calls visit(path under blocks/, file name, its stat) for every regular file of the store.
     // With create_missing, a fan-out directory that does not exist yet is created on the way.
+    // Stops early once *stop is set.
     void for_each_file(
         const std::function<void(const std::string&, const std::string&, const struct stat&)>& visit,
-        bool create_missing = false) const;
+        bool create_missing = false, const std::atomic<bool>* stop = nullptr) const;
     void prewarm_loop(uint64_t budget_bytes, int shard);
     static bool touched_recently(int64_t mtime_s);
     static void touch(int fd);
