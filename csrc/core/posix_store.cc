@@ -807,13 +807,19 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
     auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(); };
 
     // The shard files of this store's blocks, most recently used first (recency is the mtime, as
-    // for eviction). Commit markers and other shards' files are left out. Fan-out directories that
-    // do not exist yet (a new store) are created on the way: otherwise the first save into each
-    // pays for it, and on a disk filesystem a mkdir can cost as much as writing the chunk.
+    // for eviction). Commit markers and other shards' files are left out, and so are files written
+    // or loaded after the pass began: an engine saved or read them just now, so they are in memory
+    // already (a new store's pass, which makes directories, can take seconds while the engine runs).
+    // Fan-out directories that do not exist yet (a new store) are created on the way: otherwise the
+    // first save into each pays for it, and on a disk filesystem a mkdir can cost as much as
+    // writing the chunk.
+    struct timespec now {};
+    ::clock_gettime(CLOCK_REALTIME, &now);
+    const int64_t began_ns = now.tv_sec * 1000000000LL + now.tv_nsec;
     std::string suffix = config_.num_shards > 1 && shard >= 0 ? "." + std::to_string(shard) : "";
     std::vector<std::pair<int64_t, std::string>> files;
     for_each_file([&](const std::string& path, const std::string& name, const struct stat& st) {
-        if (name.rfind(".tmp.", 0) == 0 || st.st_size == 0) return;
+        if (name.rfind(".tmp.", 0) == 0 || st.st_size == 0 || mtime_ns(st) > began_ns) return;
         if (config_.num_shards > 1) {
             if (ends_with(path, ".ok") || (!suffix.empty() && !ends_with(path, suffix))) return;
         }
