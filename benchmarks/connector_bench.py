@@ -75,13 +75,6 @@ TARGET_THROUGHPUT_LOSS = 0.05  # UCM tokens/s under no-connector tokens/s, no re
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs inside the measured process
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    # PyTorch asks for transparent huge pages for its large CPU tensors (weights, KV cache, activations).
-    # With 4-KiB pages, how fast an engine process runs is set when it starts, by where its memory lands:
-    # ten processes without a connector ran the same work at 2266-2568 tokens/s on an AMD Zen 5 KVM guest,
-    # each steady within itself, and pairs of processes compared UCM with no connector at -14% to +13%.
-    # With huge pages six processes ran at 2460-2557 tokens/s (and six with the system-wide setting at
-    # 2456-2635). Every engine gets it, whatever its connector.
-    "THP_MEM_ALLOC_ENABLE": "1",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
@@ -112,9 +105,10 @@ FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above 
 #: Pairs of engine processes (without and with UCM) that share the throughput check's repeats: how fast a
 #: process runs differs from one process to the next, so one pair alone can favour either way. With two pairs,
 #: both pairs of one run have agreed on -14% and -15% and both of another on +23% and +17%; with calls taking
-#: turns, two identical engines measured +3.2%, +8.5%, -5.8% and +2.2% in four pairs. On an AMD Zen 5 host,
-#: before huge pages (ENGINE_ENV), four pairs of one run measured -13.9% to +13.1%: eight pairs (3 repeats each)
-#: halve what one odd pair moves the mean, for about a minute more.
+#: turns, two identical engines measured +3.2%, +8.5%, -5.8% and +2.2% in four pairs. On an AMD Zen 5 host four
+#: pairs of one run measured -13.9% to +13.1%: eight pairs (3 repeats each) cut what one odd pair moves the mean
+#: by half, for about a minute more. (PyTorch's huge pages, THP_MEM_ALLOC_ENABLE=1, did not steady the processes
+#: there: one run with them spread its pairs over -11.1% to +0.8% and its cold-check documents over -5% to +10%.)
 THROUGHPUT_PAIRS = 8
 #: Pairs of engine processes (without and with UCM) that share the cold check's documents, for the same reason:
 #: with three pairs (4 documents each), one run's pairs measured +0.0%, +2.8% and +6.9%.
@@ -2110,8 +2104,7 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
         f"- dtype: {settings.dtype}, {why}",
         f"- workload: {settings.docs} documents x {settings.doc_tokens} tokens, {settings.questions} questions each; "
         "prompt = document + question; TTFT = wall time of generate(max_tokens=1), one request at a time",
-        "- engines: one per process (uni executor), eager mode, prefix caching on, PyTorch's huge pages for large "
-        f"tensors (THP_MEM_ALLOC_ENABLE=1), block size {settings.block_size}"
+        f"- engines: one per process (uni executor), eager mode, prefix caching on, block size {settings.block_size}"
         + (
             " (vLLM's CPU default)"
             if settings.block_size == 128

@@ -292,14 +292,14 @@ class UcmConnector(KVConnectorBase_V1):
         self._reap_saves(block=True)
 
     def shutdown(self) -> None:
-        if self._copying:
-            self._dump_copied(block=True)
-        for transfer in list(self._saves) + list(self._loads):
+        # Pending saves are committed first (a failed one is logged, as at the end of a step): an
+        # engine that stops cleanly leaves everything it computed in the store.
+        self.wait_for_saves()
+        for transfer in list(self._loads):
             try:
                 self.store.wait(transfer.task)
             except StoreError:
                 pass
-        self._saves.clear()
         self._loads.clear()
         self.store.close()
 
