@@ -819,11 +819,12 @@ void PosixStore::prewarm_loop(uint64_t budget_bytes, int shard) {
     std::string suffix = config_.num_shards > 1 && shard >= 0 ? "." + std::to_string(shard) : "";
     std::vector<std::pair<int64_t, std::string>> files;
     for_each_file([&](const std::string& path, const std::string& name, const struct stat& st) {
-        if (name.rfind(".tmp.", 0) == 0 || st.st_size == 0 || mtime_ns(st) > began_ns) return;
+        int64_t mtime = mtime_ns(st);
+        if (name.rfind(".tmp.", 0) == 0 || st.st_size == 0 || mtime > began_ns) return;
         if (config_.num_shards > 1) {
             if (ends_with(path, ".ok") || (!suffix.empty() && !ends_with(path, suffix))) return;
         }
-        files.emplace_back(mtime_ns(st), path);
+        files.emplace_back(mtime, path);
     }, /*create_missing=*/true, &prewarm_stop_);
     std::sort(files.begin(), files.end(), std::greater<>());
 

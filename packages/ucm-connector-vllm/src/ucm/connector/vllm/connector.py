@@ -286,8 +286,8 @@ class UcmConnector(KVConnectorBase_V1):
 
         For callers that need the store complete while the engine is idle between requests: a tool
         that charges the background writes to the requests that caused them, or one that reads the
-        store from another process next. The engine never calls it; calling it during a step is not
-        supported."""
+        store from another process next. The engine's steps never call it (its shutdown does);
+        calling it during a step is not supported."""
         self._dump_copied(block=True)
         self._reap_saves(block=True)
 
