@@ -77,6 +77,14 @@ ENGINE_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # glibc's heap, fixed: by default the heap's mmap and trim thresholds move with what a process happens
+    # to free first, and about one engine process in three then hands its activations back to the kernel
+    # after every step and takes them again as fresh pages (some 100k page faults, 0.4 GB, per call of the
+    # throughput check): 5-15% slower for the life of the process. With fixed thresholds every probe process
+    # kept its memory (docs/benchmarks/connector.md). Read at exec: a spawned engine process inherits them.
+    "MALLOC_MMAP_THRESHOLD_": str(32 * MIB),
+    "MALLOC_TRIM_THRESHOLD_": str(GIB),
+    "MALLOC_TOP_PAD_": str(256 * MIB),
 }
 #: Engine block size (tokens). vLLM's CPU default is 128, and every prompt's last partial block is
 #: computed even when the rest of it comes from a cache: with 128-token blocks that is up to 127
@@ -2111,6 +2119,9 @@ def run(settings: Settings, header: list[str], pool: EnginePool) -> int:
             else " (vLLM's CPU default is 128; smaller blocks leave fewer tokens to compute behind a cached prefix, "
             "so the FLOOR and its request-to-request spread shrink: --block-size 128 runs the default)"
         )
+        + ", glibc's heap thresholds fixed ("
+        + ", ".join(f"{k}={os.environ.get(k, '')}" for k in ENGINE_ENV if k.startswith("MALLOC_"))
+        + ": no process hands its activations back to the kernel after every step)"
         + ", stores in a local directory"
         + (
             " (--page-in: before each document of a warm or fresh pass, the bench reads that connector's store "
