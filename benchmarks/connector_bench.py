@@ -119,8 +119,11 @@ FOREIGN_CPU_FLAG = 0.25  # cores used by other processes during a request above 
 #: there: one run with them spread its pairs over -11.1% to +0.8% and its cold-check documents over -5% to +10%.)
 THROUGHPUT_PAIRS = 8
 #: Pairs of engine processes (without and with UCM) that share the cold check's documents, for the same reason:
-#: with three pairs (4 documents each), one run's pairs measured +0.0%, +2.8% and +6.9%.
-COLD_CHECK_PAIRS = 6
+#: with three pairs (4 documents each), one run's pairs measured +0.0%, +2.8% and +6.9%. Single documents move
+#: more still: on an AMD Zen 5 host a run whose UCM spent 1.2% of the prefill in its hooks and its waits for saves
+#: measured +3.3% over 12 documents (-1.3% to +12.6% each; 90% interval +1.4% to +5.3%), and the runs before it
+#: +1.8% to +2.0%. Twenty-four documents in eight pairs narrow the interval by about 30%, for about three minutes.
+COLD_CHECK_PAIRS = 8
 COLD_CHECK_WAYS = (("cold-check-none", None), ("cold-check-ucm", "ucm"))
 #: What ``--quick`` (a smoke test on the tiny model) sets where the command line does not; the help reads it too.
 QUICK = {
@@ -159,7 +162,7 @@ class Settings:
     block_size: int = DEFAULT_BLOCK_TOKENS
     floor_repeats: int = 3  # the FLOOR is the median of this many repeats
     reloads: int = 10  # warm passes: loads again of each document's first prompt, each paired with its repeat
-    cold_docs: int = 12  # cold check: more documents, each prefilled once with and once without UCM
+    cold_docs: int = 24  # cold check: more documents, each prefilled once with and once without UCM
     # More fresh processes per connector, each loading every document's first prompt once. The fresh-process
     # overhead ratio rests on their first sights (3 per process, plus the warm pass's 3), and single first sights
     # on the project's 2-core machines vary by tens of milliseconds: the forward step after a load moves by -20

@@ -98,7 +98,7 @@ def test_the_cold_check_prefills_documents_of_its_own(tiny_model):
 
 
 def test_cold_docs_defaults_and_bad_values():
-    assert bench.parse_args([]).cold_docs == 12
+    assert bench.parse_args([]).cold_docs == 24
     assert bench.parse_args(["--quick"]).cold_docs == 1
     assert bench.parse_args(["--cold-docs", "0"]).cold_docs == 0
 
