@@ -122,7 +122,7 @@ THROUGHPUT_PAIRS = 8
 #: with three pairs (4 documents each), one run's pairs measured +0.0%, +2.8% and +6.9%. Single documents move
 #: more still: on an AMD Zen 5 host a run whose UCM spent 1.2% of the prefill in its hooks and its waits for saves
 #: measured +3.3% over 12 documents (-1.3% to +12.6% each; 90% interval +1.4% to +5.3%), and the runs before it
-#: +1.8% to +2.0%. Twenty-four documents in eight pairs narrow the interval by about 30%, for about three minutes.
+#: +1.8% to +2.0%. Twenty-four documents in eight pairs narrow the interval by about 30%, for about five minutes.
 COLD_CHECK_PAIRS = 8
 COLD_CHECK_WAYS = (("cold-check-none", None), ("cold-check-ucm", "ucm"))
 #: What ``--quick`` (a smoke test on the tiny model) sets where the command line does not; the help reads it too.
