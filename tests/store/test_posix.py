@@ -586,6 +586,22 @@ def test_prewarm_leaves_out_files_written_after_it_began(open_test_store, root):
     assert load_entries(store, entries) == ([], [])  # all four still load
 
 
+def test_closing_a_store_stops_its_prewarm_pass(open_test_store, root):
+    # An engine shut down while prewarm is still reading a large store does not wait for the pass
+    # to read the rest: the store's close stops it at the next file or directory.
+    store = open_test_store("posix")
+    entries = make_entries(block_ids(600, "prewarm-close"), low=BLOCK, high=BLOCK)
+    dump_entries(store, entries)
+
+    store.prewarm(1 << 40)
+    store.close()
+
+    stats = store.prewarm_stats()
+    assert not stats["running"]
+    assert stats["files"] < len(entries), stats
+    assert load_entries(open_test_store("posix"), entries) == ([], [])  # the store itself is whole
+
+
 def test_prewarm_budget_must_be_a_non_negative_int(open_test_store):
     store = open_test_store("posix")
     for bad in (-1, 1.5, True):
