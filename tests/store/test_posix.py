@@ -586,7 +586,7 @@ def test_prewarm_leaves_out_files_written_after_it_began(open_test_store, root):
     assert load_entries(store, entries) == ([], [])  # all four still load
 
 
-def test_closing_a_store_stops_its_prewarm_pass(open_test_store, root):
+def test_closing_a_store_stops_its_prewarm_pass(open_test_store):
     # An engine shut down while prewarm is still reading a large store does not wait for the pass
     # to read the rest: the store's close stops it at the next file or directory.
     store = open_test_store("posix")
